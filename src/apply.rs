@@ -1,0 +1,358 @@
+//! Runs a [`Plan`] against a [`Replica`], recording every finished operation in the index and
+//! the log.
+//!
+//! Invariants:
+//! - A failed operation is reported with its path and counted; the rest of the plan still runs,
+//!   and the index keeps its old row for that path, so the next sync retries it.
+//! - A file is recorded with the hash of the bytes that were actually written. A source file that
+//!   changes while it is copied is not put in place at all.
+//! - Records are committed in batches (one durable redb commit per [`BATCH_OPS`] operations or
+//!   [`BATCH_TIME`]); a killed sync loses at most one batch of records, never replica state: the
+//!   next scan finds those files in the replica and re-hashes them instead of copying them.
+//! - The stop flag is checked between operations: an interrupted sync commits what it did.
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+use crate::entry::{Content, Entry, Hash, Kind, RACY_WINDOW_NS, RelPath, Time};
+use crate::error::Result;
+use crate::index::{Index, Table, Update};
+use crate::oplog::OpLog;
+use crate::plan::{Code, Op, Plan};
+use crate::replica::Replica;
+use crate::scan::{fingerprint, meta_of, open_nofollow, vanished};
+
+pub const BATCH_OPS: usize = 4096;
+pub const BATCH_TIME: Duration = Duration::from_secs(2);
+/// Writes from the source run in parallel, this many at a time between records.
+const WRITE_CHUNK: usize = 256;
+
+/// What applying a plan did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub ops_done: u64,
+    pub bytes_written: u64,
+    /// Operations that failed, with the replica path and the error.
+    pub errors: Vec<(RelPath, String)>,
+    pub interrupted: bool,
+}
+
+/// Batches index updates and commits them durably from time to time.
+pub struct Recorder<'a> {
+    index: Option<&'a Index>,
+    pending: Vec<Update>,
+    last: Instant,
+}
+
+impl<'a> Recorder<'a> {
+    pub fn new(index: Option<&'a Index>) -> Self {
+        Recorder {
+            index,
+            pending: Vec::new(),
+            last: Instant::now(),
+        }
+    }
+
+    pub fn push(&mut self, u: Update) -> Result<()> {
+        self.pending.push(u);
+        if self.pending.len() >= BATCH_OPS || self.last.elapsed() >= BATCH_TIME {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some(index) = self.index {
+            index.commit(&self.pending)?;
+        }
+        self.pending.clear();
+        self.last = Instant::now();
+        Ok(())
+    }
+}
+
+/// A replica entry for a node dirsync has just written and then stat'ed: its content is known by
+/// construction, not from a read that could race a writer, so it is not racily clean.
+fn written(src: &Entry, content: Content, fp: crate::entry::Fingerprint) -> Entry {
+    let changed = fp.mtime.as_nanos().max(fp.ctime.as_nanos()) + RACY_WINDOW_NS + 1;
+    let seen = Time {
+        sec: (changed / 1_000_000_000) as i64,
+        nsec: (changed % 1_000_000_000) as u32,
+    };
+    Entry {
+        content,
+        meta: src.meta,
+        fp,
+        seen,
+        link: src.link.clone(),
+    }
+}
+
+struct Ctx<'a> {
+    replica: &'a dyn Replica,
+    source: &'a Path,
+}
+
+/// The result of one operation: index updates, bytes copied.
+type OpResult = io::Result<(Vec<Update>, u64)>;
+
+impl Ctx<'_> {
+    fn run(&self, op: &Op) -> OpResult {
+        let r = self.replica;
+        match op {
+            Op::Stage { from, tmp } => {
+                r.rename(from, tmp)?;
+                Ok((
+                    vec![Update::Move(Table::Replica, from.clone(), tmp.clone())],
+                    0,
+                ))
+            }
+            Op::Remove { path, kind } => {
+                r.remove(path, *kind)?;
+                Ok((vec![Update::Remove(Table::Replica, path.clone())], 0))
+            }
+            Op::Mkdir { path, .. } => {
+                r.mkdir(path)?;
+                Ok((Vec::new(), 0))
+            }
+            Op::Rename { tmp, to, src, .. } => {
+                r.rename(tmp, to)?;
+                let mut u = vec![Update::Move(Table::Replica, tmp.clone(), to.clone())];
+                if !src.is_dir() {
+                    let fp = r.stat(to)?;
+                    u.push(Update::Put(
+                        Table::Replica,
+                        to.clone(),
+                        written(src, src.content.clone(), fp),
+                    ));
+                }
+                Ok((u, 0))
+            }
+            Op::Copy {
+                from,
+                to,
+                src,
+                trusted,
+            } => {
+                let want = src.file_hash();
+                let trusted = trusted
+                    .as_ref()
+                    .filter(|t| !t.is_racy())
+                    .and_then(|t| t.file_hash().map(|h| (t.fp, h)));
+                let mut check = |h: &Hash, n: u64| {
+                    if Some(*h) == want && n == src.size() {
+                        Ok(())
+                    } else {
+                        Err(io::Error::other(format!(
+                            "replica file {from} changed since it was scanned"
+                        )))
+                    }
+                };
+                let res = r.copy_file(
+                    from,
+                    to,
+                    trusted.as_ref().map(|(fp, h)| (fp, h)),
+                    &src.meta,
+                    &mut check,
+                );
+                match res {
+                    Ok((h, n)) => {
+                        let fp = r.stat(to)?;
+                        let content = Content::File {
+                            size: n,
+                            hash: Some(h),
+                        };
+                        Ok((
+                            vec![Update::Put(
+                                Table::Replica,
+                                to.clone(),
+                                written(src, content, fp),
+                            )],
+                            0,
+                        ))
+                    }
+                    // The local source went bad: take the bytes from the source tree instead.
+                    Err(_) => self.write(to, src),
+                }
+            }
+            Op::Write { path, src, .. } => self.write(path, src),
+            Op::Symlink { path, src, .. } => {
+                let Content::Symlink { target } = &src.content else {
+                    unreachable!("planned for symlinks only")
+                };
+                r.symlink(path, target, &src.meta)?;
+                Ok((Vec::new(), 0))
+            }
+            Op::Link {
+                leader, path, src, ..
+            } => {
+                r.hard_link(leader, path)?;
+                let fp = r.stat(path)?;
+                Ok((
+                    vec![Update::Put(
+                        Table::Replica,
+                        path.clone(),
+                        written(src, src.content.clone(), fp),
+                    )],
+                    0,
+                ))
+            }
+            Op::SetMeta { path, src } => {
+                r.set_meta(path, src.kind(), &src.meta)?;
+                if src.kind() == Kind::File {
+                    let fp = r.stat(path)?;
+                    return Ok((
+                        vec![Update::Put(
+                            Table::Replica,
+                            path.clone(),
+                            written(src, src.content.clone(), fp),
+                        )],
+                        0,
+                    ));
+                }
+                Ok((Vec::new(), 0))
+            }
+        }
+    }
+
+    /// Copies a file from the source, hashing it on the way, and records both sides.
+    fn write(&self, path: &RelPath, planned: &Entry) -> OpResult {
+        let abs = path.to_path(self.source);
+        let file = open_nofollow(&abs)?;
+        let seen = Time::now();
+        let before = file.metadata()?;
+        if !before.file_type().is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no longer a regular file in the source",
+            ));
+        }
+        // Metadata as the file is now: it may have changed since the scan.
+        let mut src = planned.clone();
+        src.meta = meta_of(&before);
+        let fp = fingerprint(&before);
+        let mut check = |_: &Hash, n: u64| {
+            let after = file.metadata()?;
+            if fingerprint(&after) != fp || n != before.len() {
+                return Err(io::Error::other(
+                    "changed while it was being copied; it will be copied on the next sync",
+                ));
+            }
+            Ok(())
+        };
+        let (h, n) = self
+            .replica
+            .write_file(path, &mut &file, &src.meta, &mut check)?;
+        let content = Content::File {
+            size: n,
+            hash: Some(h),
+        };
+        let rfp = self.replica.stat(path)?;
+        let mut updates = vec![Update::Put(
+            Table::Replica,
+            path.clone(),
+            written(&src, content.clone(), rfp),
+        )];
+        src.content = content;
+        src.fp = fp;
+        src.seen = seen;
+        updates.push(Update::Put(Table::Source, path.clone(), src));
+        Ok((updates, n))
+    }
+}
+
+/// Applies `plan` to `replica`, reading new content from `source`.
+pub fn apply(
+    plan: &Plan,
+    replica: &dyn Replica,
+    source: &Path,
+    rec: &mut Recorder,
+    log: &mut OpLog,
+    stop: &AtomicBool,
+) -> Result<Outcome> {
+    let ctx = Ctx { replica, source };
+    let mut out = Outcome::default();
+    let ops = &plan.ops;
+    let mut i = 0;
+    while i < ops.len() {
+        if stop.load(Ordering::Relaxed) {
+            out.interrupted = true;
+            break;
+        }
+        // Runs of writes from the source go in parallel; everything else in order.
+        let run_end = if matches!(ops[i], Op::Write { .. }) {
+            let n = ops[i..]
+                .iter()
+                .take(WRITE_CHUNK)
+                .take_while(|o| matches!(o, Op::Write { .. }))
+                .count();
+            i + n
+        } else {
+            i + 1
+        };
+        let results: Vec<OpResult> = if run_end - i > 1 {
+            ops[i..run_end].par_iter().map(|op| ctx.run(op)).collect()
+        } else {
+            vec![ctx.run(&ops[i])]
+        };
+        for (op, res) in ops[i..run_end].iter().zip(results) {
+            match res {
+                Ok((updates, bytes)) => {
+                    out.ops_done += 1;
+                    out.bytes_written += bytes;
+                    log.op(op);
+                    for u in updates {
+                        rec.push(u)?;
+                    }
+                }
+                Err(e) => {
+                    let path = op.target().clone();
+                    let msg = describe(op, &e);
+                    log::error!("{msg}");
+                    log.error(&msg);
+                    out.errors.push((path, msg));
+                }
+            }
+        }
+        i = run_end;
+    }
+    rec.flush()?;
+    Ok(out)
+}
+
+fn describe(op: &Op, e: &io::Error) -> String {
+    let what = match op {
+        Op::Stage { from, .. } => format!("cannot move {from} aside"),
+        Op::Remove { path, .. } => format!("cannot remove {path} from the replica"),
+        Op::Mkdir { path, .. } => format!("cannot create directory {path} in the replica"),
+        Op::Rename { orig, to, .. } => format!("cannot move {orig} to {to} in the replica"),
+        Op::Copy { to, .. } | Op::Write { path: to, .. } if vanished(e) => {
+            format!("{to} vanished from the source while syncing")
+        }
+        Op::Copy { from, to, .. } => format!("cannot copy {from} to {to}"),
+        Op::Write { path, .. } => format!("cannot copy {path}"),
+        Op::Symlink { path, .. } => format!("cannot create symlink {path}"),
+        Op::Link { leader, path, .. } => format!("cannot hard-link {path} to {leader}"),
+        Op::SetMeta { path, .. } => format!("cannot set metadata of {path}"),
+    };
+    format!("{what}: {e}; it is left as it was and retried on the next sync")
+}
+
+/// The status letter an applied operation is logged with.
+pub fn letter(op: &Op) -> &'static str {
+    match op {
+        Op::Stage { .. } => "stage",
+        Op::Remove { .. } => Code::Delete.letter(),
+        Op::Mkdir { code, .. }
+        | Op::Write { code, .. }
+        | Op::Symlink { code, .. }
+        | Op::Link { code, .. } => code.letter(),
+        Op::Rename { .. } => Code::Move.letter(),
+        Op::Copy { .. } => Code::Copy.letter(),
+        Op::SetMeta { .. } => Code::Meta.letter(),
+    }
+}

@@ -1,0 +1,155 @@
+//! Command-line definitions (clap) and their translation into a validated [`Config`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use dirsync::config::{self, Config};
+use dirsync::error::Result;
+
+/// Keep a replica directory an exact, up-to-date copy of a source directory.
+///
+/// dirsync scans both trees, compares them by content hash and applies the difference: new
+/// and changed files are copied, removed ones deleted, and files or whole directories that
+/// moved in the source are moved in the replica instead of being copied again. An index of
+/// both trees (outside both) makes a sync of an unchanged tree cost one stat per file.
+#[derive(Parser, Debug)]
+#[command(name = "dirsync", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Make DST an exact mirror of SRC once, then exit.
+    Sync {
+        #[command(flatten)]
+        common: Common,
+        /// Print what would be done (as `status` does) and change nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        /// Sync even when SRC is empty and the replica is not (which deletes everything in it).
+        #[arg(long)]
+        allow_empty_source: bool,
+        /// Refuse to run a sync that would delete more than N entries from the replica.
+        #[arg(long, value_name = "N")]
+        max_delete: Option<usize>,
+        /// Discard the index and rebuild it from the two trees (hashes every file once).
+        #[arg(long)]
+        reindex: bool,
+    },
+    /// Print what `sync` would do, one line per change, without writing anything.
+    ///
+    /// Lines: `A path` new, `M path` content changed, `D path` deleted, `R old -> new` moved,
+    /// `C from -> new` copied inside the replica, `T path` type changed, `m path` metadata only.
+    Status {
+        #[command(flatten)]
+        common: Common,
+        /// Print one JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sync, wait, and sync again, until Ctrl-C or SIGTERM.
+    Watch {
+        #[command(flatten)]
+        common: Common,
+        /// Time between the starts of two passes, e.g. 500ms, 2s, 1m.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Sync even when SRC is empty and the replica is not.
+        #[arg(long)]
+        allow_empty_source: bool,
+        /// Refuse a pass that would delete more than N entries from the replica.
+        #[arg(long, value_name = "N")]
+        max_delete: Option<usize>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct Common {
+    /// The directory to mirror.
+    pub src: PathBuf,
+    /// The replica; created if missing. Files already there are reused where their content
+    /// matches, and everything else in it is replaced or removed.
+    pub dst: PathBuf,
+    /// Append every applied operation, with a timestamp, and a summary per pass to this file.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+    /// Where the index lives [default: $XDG_STATE_HOME/dirsync/, else ~/.local/state/dirsync/,
+    /// one file per replica].
+    #[arg(long, value_name = "PATH")]
+    pub index: Option<PathBuf>,
+    /// Print each applied operation (-vv: debug output).
+    #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl Command {
+    pub fn common(&self) -> &Common {
+        match self {
+            Command::Sync { common, .. }
+            | Command::Status { common, .. }
+            | Command::Watch { common, .. } => common,
+        }
+    }
+}
+
+/// Validates the arguments into a [`Config`]; nothing is written here.
+pub fn config(cmd: &Command) -> Result<Config> {
+    let c = cmd.common();
+    let roots = config::resolve_roots(&c.src, &c.dst)?;
+    let index = match &c.index {
+        Some(p) => config::absolute_file(p)?,
+        None => config::default_index(&roots.replica)?,
+    };
+    config::check_outside(&index, &roots, "index")?;
+    let log_file = match &c.log_file {
+        Some(p) => {
+            let p = config::absolute_file(p)?;
+            config::check_outside(&p, &roots, "log file")?;
+            Some(p)
+        }
+        None => None,
+    };
+    let (reindex, allow_empty_source, max_delete, interval) = match cmd {
+        Command::Sync {
+            reindex,
+            allow_empty_source,
+            max_delete,
+            ..
+        } => (*reindex, *allow_empty_source, *max_delete, Duration::ZERO),
+        Command::Watch {
+            interval,
+            allow_empty_source,
+            max_delete,
+            ..
+        } => (false, *allow_empty_source, *max_delete, *interval),
+        Command::Status { .. } => (false, false, None, Duration::ZERO),
+    };
+    Ok(Config {
+        roots,
+        index,
+        log_file,
+        reindex,
+        allow_empty_source,
+        max_delete,
+        owners: rustix::process::geteuid().is_root(),
+        interval,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

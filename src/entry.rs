@@ -1,0 +1,417 @@
+//! The data model shared by every layer: relative paths in one canonical order, and the entry
+//! (kind, content, metadata, stat fingerprint) recorded for each path of a tree.
+//!
+//! Invariants:
+//! - A [`RelPath`] is a '/'-separated path relative to a root, with no empty, `.` or `..`
+//!   component, no NUL byte and no leading or trailing '/'. The root itself is the empty path.
+//! - Paths compare by their bytes. Every sorted list, every redb table and every merge-join in
+//!   dirsync uses this one order, in which the descendants of a directory `d` are exactly the
+//!   contiguous run of paths starting with `d/`.
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A BLAKE3 digest.
+pub type Hash = [u8; 32];
+
+/// A validated path relative to a tree root, ordered by its bytes.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct RelPath(Vec<u8>);
+
+/// Why a byte string is not a valid [`RelPath`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid relative path {path:?}: {why}")]
+pub struct InvalidPath {
+    pub path: String,
+    pub why: &'static str,
+}
+
+impl RelPath {
+    /// The root of a tree.
+    pub fn root() -> RelPath {
+        RelPath(Vec::new())
+    }
+
+    /// Validates `bytes` as a relative path. This is the only way in for paths that come from
+    /// outside the process (the index file), so a tampered index cannot name `..` or `/etc`.
+    pub fn from_bytes(bytes: &[u8]) -> Result<RelPath, InvalidPath> {
+        let fail = |why| InvalidPath {
+            path: String::from_utf8_lossy(bytes).into_owned(),
+            why,
+        };
+        if bytes.is_empty() {
+            return Ok(RelPath::root());
+        }
+        if bytes.contains(&0) {
+            return Err(fail("contains a NUL byte"));
+        }
+        if bytes[0] == b'/' {
+            return Err(fail("is absolute"));
+        }
+        for part in bytes.split(|&b| b == b'/') {
+            match part {
+                b"" => return Err(fail("has an empty component")),
+                b"." | b".." => return Err(fail("has a '.' or '..' component")),
+                _ => {}
+            }
+        }
+        Ok(RelPath(bytes.to_vec()))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `self` joined with one file name, which must not contain '/' or be `.`/`..`.
+    pub fn join(&self, name: &[u8]) -> RelPath {
+        debug_assert!(!name.is_empty() && !name.contains(&b'/') && name != b"." && name != b"..");
+        let mut v = Vec::with_capacity(self.0.len() + 1 + name.len());
+        v.extend_from_slice(&self.0);
+        if !v.is_empty() {
+            v.push(b'/');
+        }
+        v.extend_from_slice(name);
+        RelPath(v)
+    }
+
+    /// The parent directory; `None` for the root.
+    pub fn parent(&self) -> Option<RelPath> {
+        if self.is_root() {
+            return None;
+        }
+        Some(match self.0.iter().rposition(|&b| b == b'/') {
+            Some(i) => RelPath(self.0[..i].to_vec()),
+            None => RelPath::root(),
+        })
+    }
+
+    /// The last component; empty for the root.
+    pub fn name(&self) -> &[u8] {
+        match self.0.iter().rposition(|&b| b == b'/') {
+            Some(i) => &self.0[i + 1..],
+            None => &self.0,
+        }
+    }
+
+    /// Number of components (0 for the root).
+    pub fn depth(&self) -> usize {
+        if self.is_root() {
+            0
+        } else {
+            1 + self.0.iter().filter(|&&b| b == b'/').count()
+        }
+    }
+
+    /// True if `other` lies strictly below `self`.
+    pub fn is_ancestor_of(&self, other: &RelPath) -> bool {
+        if self.is_root() {
+            return !other.is_root();
+        }
+        other.0.len() > self.0.len()
+            && other.0.starts_with(&self.0)
+            && other.0[self.0.len()] == b'/'
+    }
+
+    /// `self` with its prefix `from` replaced by `to`; `from` must be `self` or an ancestor.
+    pub fn rebase(&self, from: &RelPath, to: &RelPath) -> RelPath {
+        debug_assert!(from == self || from.is_ancestor_of(self));
+        if from == self {
+            return to.clone();
+        }
+        let rest = if from.is_root() {
+            &self.0[..]
+        } else {
+            &self.0[from.0.len() + 1..]
+        };
+        let mut v = to.0.clone();
+        if !v.is_empty() {
+            v.push(b'/');
+        }
+        v.extend_from_slice(rest);
+        RelPath(v)
+    }
+
+    /// The index range of `sorted` that holds exactly the descendants of `self`.
+    pub fn descendants_in<T>(
+        &self,
+        sorted: &[T],
+        key: impl Fn(&T) -> &RelPath,
+    ) -> std::ops::Range<usize> {
+        let start = if self.is_root() {
+            sorted.partition_point(|x| key(x).is_root())
+        } else {
+            let mut lo = self.0.clone();
+            lo.push(b'/');
+            sorted.partition_point(|x| key(x).0 < lo)
+        };
+        let len = sorted[start..].partition_point(|x| self.is_ancestor_of(key(x)));
+        start..start + len
+    }
+
+    /// The path below `root` on disk.
+    pub fn to_path(&self, root: &Path) -> PathBuf {
+        if self.is_root() {
+            root.to_path_buf()
+        } else {
+            root.join(OsStr::from_bytes(&self.0))
+        }
+    }
+
+    pub fn as_os_str(&self) -> &OsStr {
+        OsStr::from_bytes(&self.0)
+    }
+}
+
+/// Displays the path as UTF-8 with every byte that is not escaped as `\xNN`; the root shows as `.`.
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_root() {
+            return f.write_str(".");
+        }
+        for chunk in self.0.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                if c == '\\' {
+                    f.write_str("\\\\")?;
+                } else if c.is_control() {
+                    write!(f, "\\x{:02x}", c as u32)?;
+                } else {
+                    write!(f, "{c}")?;
+                }
+            }
+            for b in chunk.invalid() {
+                write!(f, "\\x{b:02x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+/// A point in time as seconds and nanoseconds since the epoch.
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
+)]
+pub struct Time {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+impl Time {
+    pub fn as_nanos(self) -> i128 {
+        self.sec as i128 * 1_000_000_000 + self.nsec as i128
+    }
+
+    pub fn now() -> Time {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Time {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        }
+    }
+}
+
+/// The stat fields that change whenever a file's content can have changed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub size: u64,
+    pub mtime: Time,
+    pub ctime: Time,
+    pub ino: u64,
+    pub dev: u64,
+}
+
+/// What is replicated of a node besides its content.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub struct Meta {
+    /// Permission bits including setuid, setgid and sticky (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub mtime: Time,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The content of a node. `None` hashes are not known yet: a file whose size matches no file on
+/// the other side cannot be a move, copy or adoption source, so it is hashed while it is copied.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Content {
+    File {
+        size: u64,
+        hash: Option<Hash>,
+    },
+    Dir {
+        tree: Option<Hash>,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
+    /// A FIFO, socket or device found in the replica; never replicated, always removed.
+    Special,
+}
+
+/// The kind of a node, for messages and type-change detection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Special,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::File => "file",
+            Kind::Dir => "directory",
+            Kind::Symlink => "symlink",
+            Kind::Special => "special file",
+        })
+    }
+}
+
+/// Everything recorded about one path of a tree.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct Entry {
+    pub content: Content,
+    pub meta: Meta,
+    /// The stat fingerprint of the node the content was read from.
+    pub fp: Fingerprint,
+    /// When `fp` was taken, before the content was read; decides whether the entry is racily
+    /// clean (see [`Entry::is_racy`]).
+    pub seen: Time,
+    /// For a file with other hard links in the same tree: the first of its paths in canonical
+    /// order, when that is not this path.
+    pub link: Option<RelPath>,
+}
+
+/// How close to the moment it was read a node may have changed and still keep its fingerprint on
+/// the next change: coarse kernel clocks tick in milliseconds, some filesystems in seconds.
+pub const RACY_WINDOW_NS: i128 = 2_000_000_000;
+
+impl Entry {
+    pub fn kind(&self) -> Kind {
+        match self.content {
+            Content::File { .. } => Kind::File,
+            Content::Dir { .. } => Kind::Dir,
+            Content::Symlink { .. } => Kind::Symlink,
+            Content::Special => Kind::Special,
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        matches!(self.content, Content::Dir { .. })
+    }
+
+    pub fn file_hash(&self) -> Option<Hash> {
+        match self.content {
+            Content::File { hash, .. } => hash,
+            _ => None,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match self.content {
+            Content::File { size, .. } => size,
+            _ => 0,
+        }
+    }
+
+    /// True when the node changed so close to `seen` that a later change within the same clock
+    /// tick would leave `fp` as it is (git's racy-git problem); such a hash must not be reused.
+    pub fn is_racy(&self) -> bool {
+        let changed = self.fp.mtime.as_nanos().max(self.fp.ctime.as_nanos());
+        changed + RACY_WINDOW_NS > self.seen.as_nanos()
+    }
+
+    /// Same content, as far as it is known: unknown hashes never compare equal.
+    pub fn same_content(&self, other: &Entry) -> bool {
+        match (&self.content, &other.content) {
+            (
+                Content::File {
+                    size: a,
+                    hash: Some(x),
+                },
+                Content::File {
+                    size: b,
+                    hash: Some(y),
+                },
+            ) => a == b && x == y,
+            (Content::Dir { tree: Some(x) }, Content::Dir { tree: Some(y) }) => x == y,
+            (Content::Symlink { target: x }, Content::Symlink { target: y }) => x == y,
+            _ => false,
+        }
+    }
+
+    /// Same replicated metadata. Symlink permission bits are not settable on Linux and are
+    /// ignored; owners count only when they are replicated.
+    pub fn same_meta(&self, other: &Entry, owners: bool) -> bool {
+        let a = &self.meta;
+        let b = &other.meta;
+        let mode = self.kind() == Kind::Symlink || a.mode == b.mode;
+        mode && a.mtime == b.mtime && (!owners || (a.uid == b.uid && a.gid == b.gid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::from_bytes(s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn validation_rejects_escapes() {
+        for bad in ["/etc", "a/../b", "..", "a//b", "a/", "./a", "a\0b"] {
+            assert!(RelPath::from_bytes(bad.as_bytes()).is_err(), "{bad}");
+        }
+        assert!(RelPath::from_bytes(b"a/b.c/d").is_ok());
+        assert!(RelPath::from_bytes(b"").unwrap().is_root());
+    }
+
+    #[test]
+    fn byte_order_keeps_descendants_contiguous() {
+        let mut v = vec![p("a/x"), p("a.b"), p("a"), p("a/x/y"), p("a0"), p("b")];
+        v.sort();
+        let names: Vec<String> = v.iter().map(|p| p.to_string()).collect();
+        assert_eq!(names, ["a", "a.b", "a/x", "a/x/y", "a0", "b"]);
+        let r = p("a").descendants_in(&v, |x| x);
+        assert_eq!(&v[r], [p("a/x"), p("a/x/y")]);
+        let r = RelPath::root().descendants_in(&v, |x| x);
+        assert_eq!(r, 0..6);
+    }
+
+    #[test]
+    fn ancestry_and_rebase() {
+        assert!(p("a").is_ancestor_of(&p("a/b")));
+        assert!(!p("a").is_ancestor_of(&p("ab")));
+        assert!(!p("a").is_ancestor_of(&p("a")));
+        assert!(RelPath::root().is_ancestor_of(&p("a")));
+        assert_eq!(p("a/b/c").rebase(&p("a/b"), &p("x")), p("x/c"));
+        assert_eq!(p("a/b").rebase(&p("a/b"), &p("x/y")), p("x/y"));
+        assert_eq!(p("a/b").parent(), Some(p("a")));
+        assert_eq!(p("a").parent(), Some(RelPath::root()));
+        assert_eq!(p("a/b").name(), b"b");
+        assert_eq!(p("a/b").depth(), 2);
+    }
+
+    #[test]
+    fn display_escapes_non_utf8() {
+        let r = RelPath::from_bytes(b"caf\xe9/\xc3\xa9\n").unwrap();
+        assert_eq!(r.to_string(), "caf\\xe9/\u{e9}\\x0a");
+    }
+}

@@ -1,0 +1,58 @@
+//! The library's error type. Policy: every error that concerns one path carries that path, and
+//! says what the user can do about it. Errors about one entry of a tree never abort a sync: the
+//! caller reports them, counts them and goes on (see `apply` and `scan`). Errors about the whole
+//! run (bad arguments, a locked or damaged index) are returned before anything is written.
+
+use std::io;
+use std::path::PathBuf;
+
+/// A failure that ends a whole command before or instead of a sync.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{msg}")]
+    BadInput { msg: String },
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error(
+        "the index {path} is in use by another dirsync process syncing the same replica; \
+         wait for it to finish or stop it (a `dirsync watch` keeps it until Ctrl-C)"
+    )]
+    IndexLocked { path: PathBuf },
+
+    #[error(
+        "the index {path} cannot be read ({why}); run the same command with --reindex to \
+         rebuild it from the two trees, or delete the file"
+    )]
+    IndexDamaged { path: PathBuf, why: String },
+
+    #[error(
+        "the index {path} was made for source {recorded}, not {given}; pass --index to use \
+         another index for this pair, or --reindex to start this one over"
+    )]
+    IndexMismatch {
+        path: PathBuf,
+        recorded: String,
+        given: String,
+    },
+
+    #[error("{msg}")]
+    Refused { msg: String },
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,354 @@
+//! The persistent index, and the only module that uses redb.
+//!
+//! Schema (version [`SCHEMA`]), all keys and values are bytes:
+//! - `meta`: `"schema"` -> u32 little endian; `"source"` and `"replica"` -> the canonical root
+//!   paths the index was made for.
+//! - `source`: relative path -> postcard [`Entry`]: the source tree as last scanned, a cache of
+//!   hashes keyed by stat fingerprint.
+//! - `replica`: relative path -> postcard [`Entry`]: what the replica holds, as last written or
+//!   verified by dirsync, with the replica node's own fingerprint.
+//!
+//! Keys are [`RelPath`] bytes, so redb's order is the canonical order. Every value read back is
+//! validated (path and encoding) before use; an index that fails validation is reported as
+//! damaged, never trusted. One process writes at a time (redb's `SingleWriter` mode, enforced
+//! with file locks); readers such as `status` open the file read-only alongside it.
+
+use std::path::{Path, PathBuf};
+
+use redb::{
+    ConcurrencyMode, Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase,
+    ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+
+use crate::entry::{Entry, RelPath};
+use crate::error::{Error, Result};
+
+/// Version of the table layout and value encoding.
+pub const SCHEMA: u32 = 1;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const SOURCE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("source");
+const REPLICA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica");
+
+/// Which recorded tree a table holds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Table {
+    Source,
+    Replica,
+}
+
+impl Table {
+    fn def(self) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
+        match self {
+            Table::Source => SOURCE,
+            Table::Replica => REPLICA,
+        }
+    }
+}
+
+/// One change to the recorded trees.
+#[derive(Clone, Debug)]
+pub enum Update {
+    Put(Table, RelPath, Entry),
+    /// Removes a path and everything below it.
+    Remove(Table, RelPath),
+    /// Moves a path and everything below it to a new path, keeping the entries.
+    Move(Table, RelPath, RelPath),
+}
+
+/// The index opened for writing; holds the single-writer lock until dropped.
+pub struct Index {
+    db: Database,
+    path: PathBuf,
+}
+
+/// The roots an index belongs to.
+pub struct Roots<'a> {
+    pub source: &'a Path,
+    pub replica: &'a Path,
+}
+
+fn builder() -> redb::Builder {
+    let mut b = Database::builder();
+    b.set_concurrency_mode(ConcurrencyMode::SingleWriter);
+    b.set_cache_size(32 * 1024 * 1024);
+    b
+}
+
+fn damaged(path: &Path, why: impl std::fmt::Display) -> Error {
+    Error::IndexDamaged {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    }
+}
+
+fn open_error(path: &Path, e: DatabaseError) -> Error {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen => Error::IndexLocked {
+            path: path.to_path_buf(),
+        },
+        DatabaseError::Storage(redb::StorageError::Io(io)) => Error::io(path, io),
+        other => damaged(path, other),
+    }
+}
+
+impl Index {
+    /// Opens or creates the index at `path` for the given roots. With `reindex`, whatever the
+    /// file holds is discarded first (the next scans rebuild it from the two trees).
+    pub fn open(path: &Path, roots: &Roots, reindex: bool) -> Result<Index> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let db = match builder().create(path) {
+            Ok(db) => db,
+            Err(DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(Error::IndexLocked {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) if reindex => {
+                log::warn!("discarding unreadable index {}: {e}", path.display());
+                std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+                builder().create(path).map_err(|e| open_error(path, e))?
+            }
+            Err(e) => return Err(open_error(path, e)),
+        };
+        let index = Index {
+            db,
+            path: path.to_path_buf(),
+        };
+        index.init(roots, reindex)?;
+        Ok(index)
+    }
+
+    fn init(&self, roots: &Roots, reset: bool) -> Result<()> {
+        let p = &self.path;
+        let tx = self.db.begin_write().map_err(|e| damaged(p, e))?;
+        {
+            let meta = tx.open_table(META).map_err(|e| damaged(p, e))?;
+            let schema = meta.get("schema").map_err(|e| damaged(p, e))?;
+            let fresh = schema.is_none();
+            if let Some(v) = schema {
+                let v = v.value();
+                let version = <[u8; 4]>::try_from(v).map(u32::from_le_bytes).ok();
+                if version != Some(SCHEMA) && !reset {
+                    return Err(damaged(
+                        p,
+                        format!(
+                            "it was written with index schema {version:?}, this dirsync uses {SCHEMA}"
+                        ),
+                    ));
+                }
+            }
+            let source = roots.source.as_os_str().as_encoded_bytes();
+            if !fresh && !reset {
+                let recorded = meta.get("source").map_err(|e| damaged(p, e))?;
+                let recorded = recorded.map(|v| v.value().to_vec()).unwrap_or_default();
+                if recorded != source {
+                    return Err(Error::IndexMismatch {
+                        path: p.clone(),
+                        recorded: String::from_utf8_lossy(&recorded).into_owned(),
+                        given: roots.source.display().to_string(),
+                    });
+                }
+            }
+        }
+        if reset {
+            for t in [SOURCE, REPLICA] {
+                tx.delete_table(t).map_err(|e| damaged(p, e))?;
+            }
+        }
+        {
+            let mut meta = tx.open_table(META).map_err(|e| damaged(p, e))?;
+            let replica = roots.replica.as_os_str().as_encoded_bytes();
+            let source = roots.source.as_os_str().as_encoded_bytes();
+            let ins = |m: &mut redb::Table<&str, &[u8]>, k: &str, v: &[u8]| {
+                m.insert(k, v).map(|_| ()).map_err(|e| damaged(p, e))
+            };
+            ins(&mut meta, "schema", &SCHEMA.to_le_bytes())?;
+            ins(&mut meta, "source", source)?;
+            ins(&mut meta, "replica", replica)?;
+        }
+        tx.open_table(SOURCE).map_err(|e| damaged(p, e))?;
+        tx.open_table(REPLICA).map_err(|e| damaged(p, e))?;
+        tx.commit().map_err(|e| damaged(p, e))?;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads one recorded tree, in canonical order.
+    pub fn load(&self, table: Table) -> Result<Vec<(RelPath, Entry)>> {
+        let tx = self.db.begin_read().map_err(|e| damaged(&self.path, e))?;
+        load_from(&self.path, &tx, table)
+    }
+
+    /// Applies a batch of updates in one durable transaction.
+    pub fn commit(&self, updates: &[Update]) -> Result<()> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let p = &self.path;
+        let mut tx = self.db.begin_write().map_err(|e| damaged(p, e))?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(|e| damaged(p, e))?;
+        {
+            let mut src = tx.open_table(SOURCE).map_err(|e| damaged(p, e))?;
+            let mut dst = tx.open_table(REPLICA).map_err(|e| damaged(p, e))?;
+            for u in updates {
+                let table = match u {
+                    Update::Put(t, ..) | Update::Remove(t, ..) | Update::Move(t, ..) => *t,
+                };
+                let tbl = match table {
+                    Table::Source => &mut src,
+                    Table::Replica => &mut dst,
+                };
+                apply_update(tbl, u).map_err(|e| damaged(p, e))?;
+            }
+        }
+        tx.commit().map_err(|e| damaged(p, e))?;
+        Ok(())
+    }
+}
+
+fn apply_update(
+    tbl: &mut redb::Table<&[u8], &[u8]>,
+    u: &Update,
+) -> std::result::Result<(), redb::Error> {
+    match u {
+        Update::Put(_, path, entry) => {
+            let v = encode(entry);
+            tbl.insert(path.as_bytes(), &v[..])?;
+        }
+        Update::Remove(_, path) => {
+            tbl.remove(path.as_bytes())?;
+            for k in subtree_keys(tbl, path)? {
+                tbl.remove(&k[..])?;
+            }
+        }
+        Update::Move(_, from, to) => {
+            let mut moved = Vec::new();
+            if let Some(v) = tbl.remove(from.as_bytes())? {
+                moved.push((to.as_bytes().to_vec(), v.value().to_vec()));
+            }
+            for k in subtree_keys(tbl, from)? {
+                if let Some(v) = tbl.remove(&k[..])? {
+                    let rel = RelPath::from_bytes(&k)
+                        .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+                    moved.push((rel.rebase(from, to).as_bytes().to_vec(), v.value().to_vec()));
+                }
+            }
+            for (k, v) in moved {
+                tbl.insert(&k[..], &v[..])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Keys strictly below `path`.
+fn subtree_keys(
+    tbl: &redb::Table<&[u8], &[u8]>,
+    path: &RelPath,
+) -> std::result::Result<Vec<Vec<u8>>, redb::Error> {
+    let mut keys = Vec::new();
+    if path.is_root() {
+        for item in tbl.iter()? {
+            let (k, _) = item?;
+            if !k.value().is_empty() {
+                keys.push(k.value().to_vec());
+            }
+        }
+        return Ok(keys);
+    }
+    let mut lo = path.as_bytes().to_vec();
+    lo.push(b'/');
+    let mut hi = path.as_bytes().to_vec();
+    hi.push(b'/' + 1);
+    for item in tbl.range::<&[u8]>(&lo[..]..&hi[..])? {
+        let (k, _) = item?;
+        keys.push(k.value().to_vec());
+    }
+    Ok(keys)
+}
+
+fn encode(e: &Entry) -> Vec<u8> {
+    postcard::to_stdvec(e).expect("entries always encode")
+}
+
+fn load_from(path: &Path, tx: &ReadTransaction, table: Table) -> Result<Vec<(RelPath, Entry)>> {
+    let tbl = match tx.open_table(table.def()) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(damaged(path, e)),
+    };
+    let mut out = Vec::with_capacity(tbl.len().unwrap_or(0) as usize);
+    for item in tbl.iter().map_err(|e| damaged(path, e))? {
+        let (k, v) = item.map_err(|e| damaged(path, e))?;
+        let rel = RelPath::from_bytes(k.value()).map_err(|e| damaged(path, e))?;
+        let entry: Entry = postcard::from_bytes(v.value())
+            .map_err(|e| damaged(path, format!("entry {rel}: {e}")))?;
+        if let Some(l) = &entry.link {
+            RelPath::from_bytes(l.as_bytes()).map_err(|e| damaged(path, e))?;
+        }
+        out.push((rel, entry));
+    }
+    Ok(out)
+}
+
+/// A read-only view of an index, for commands that must not write (`status`). A missing index
+/// reads as empty.
+pub struct ReadIndex {
+    path: PathBuf,
+    db: Option<redb::ReadOnlyDatabase>,
+}
+
+impl ReadIndex {
+    pub fn open(path: &Path, roots: &Roots) -> Result<ReadIndex> {
+        if !path.exists() {
+            return Ok(ReadIndex {
+                path: path.to_path_buf(),
+                db: None,
+            });
+        }
+        let db = builder().open_read_only(path).map_err(|e| match e {
+            DatabaseError::RepairAborted => {
+                damaged(path, "it needs a repair; run `dirsync sync` once")
+            }
+            other => open_error(path, other),
+        })?;
+        let tx = db.begin_read().map_err(|e| damaged(path, e))?;
+        if let Ok(meta) = tx.open_table(META) {
+            let source = meta.get("source").map_err(|e| damaged(path, e))?;
+            let schema = meta.get("schema").map_err(|e| damaged(path, e))?;
+            if schema.map(|v| v.value().to_vec()) != Some(SCHEMA.to_le_bytes().to_vec()) {
+                return Err(damaged(path, "it was written with another index schema"));
+            }
+            let recorded = source.map(|v| v.value().to_vec()).unwrap_or_default();
+            if recorded != roots.source.as_os_str().as_encoded_bytes() {
+                return Err(Error::IndexMismatch {
+                    path: path.to_path_buf(),
+                    recorded: String::from_utf8_lossy(&recorded).into_owned(),
+                    given: roots.source.display().to_string(),
+                });
+            }
+        }
+        drop(tx);
+        Ok(ReadIndex {
+            path: path.to_path_buf(),
+            db: Some(db),
+        })
+    }
+
+    pub fn load(&self, table: Table) -> Result<Vec<(RelPath, Entry)>> {
+        match &self.db {
+            None => Ok(Vec::new()),
+            Some(db) => {
+                let tx = db.begin_read().map_err(|e| damaged(&self.path, e))?;
+                load_from(&self.path, &tx, table)
+            }
+        }
+    }
+}

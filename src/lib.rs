@@ -1,0 +1,26 @@
+//! dirsync keeps a replica directory an exact copy of a source directory.
+//!
+//! Layering, bottom up (a module uses only modules below it):
+//! - [`entry`], [`error`], [`hash`]: the data model, errors, hashing.
+//! - [`index`] (the only user of redb), [`scan`] (walks a tree), [`replica`] (the only writer to
+//!   the destination).
+//! - [`diff`] and [`plan`]: pure functions from two trees to an ordered list of operations.
+//! - [`apply`] runs a plan; [`oplog`] logs it.
+//! - [`sync`], [`watch`], [`report`]: the commands; [`config`] validates their input.
+//!
+//! See `docs/ARCHITECTURE.md` for the data flow, the index schema and the invariants.
+
+pub mod apply;
+pub mod config;
+pub mod diff;
+pub mod entry;
+pub mod error;
+pub mod hash;
+pub mod index;
+pub mod oplog;
+pub mod plan;
+pub mod replica;
+pub mod report;
+pub mod scan;
+pub mod sync;
+pub mod watch;

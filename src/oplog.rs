@@ -1,0 +1,73 @@
+//! The operation log (`--log-file`): one line per applied operation and one summary line per
+//! pass, each with an RFC 3339 UTC timestamp, appended.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::time::SystemTime;
+
+use crate::apply::letter;
+use crate::error::{Error, Result};
+use crate::plan::Op;
+
+/// Appends to the log file, if there is one. Write errors are reported once and then ignored:
+/// a full log disk must not stop the replica from being kept current.
+#[derive(Default)]
+pub struct OpLog {
+    file: Option<File>,
+    failed: bool,
+}
+
+impl OpLog {
+    pub fn open(path: Option<&Path>) -> Result<OpLog> {
+        let file = match path {
+            None => None,
+            Some(p) => Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| Error::io(p, e))?,
+            ),
+        };
+        Ok(OpLog {
+            file,
+            failed: false,
+        })
+    }
+
+    fn line(&mut self, text: &str) {
+        let Some(f) = self.file.as_mut() else { return };
+        let ts = humantime::format_rfc3339_micros(SystemTime::now());
+        if let Err(e) = writeln!(f, "{ts} {text}")
+            && !self.failed
+        {
+            self.failed = true;
+            log::warn!("cannot write to the log file: {e}");
+        }
+    }
+
+    pub fn op(&mut self, op: &Op) {
+        if self.file.is_none() {
+            return;
+        }
+        let text = match op {
+            Op::Stage { from, tmp } => format!("{} {from} -> {tmp}", letter(op)),
+            Op::Rename { orig, to, .. } => format!("{} {orig} -> {to}", letter(op)),
+            Op::Copy { from, to, .. } => format!("{} {from} -> {to}", letter(op)),
+            Op::Link { leader, path, .. } => {
+                format!("{} {path} (hard link to {leader})", letter(op))
+            }
+            other => format!("{} {}", letter(other), other.target()),
+        };
+        self.line(&text);
+    }
+
+    pub fn error(&mut self, msg: &str) {
+        self.line(&format!("error {msg}"));
+    }
+
+    pub fn summary(&mut self, text: &str) {
+        self.line(&format!("summary {text}"));
+    }
+}

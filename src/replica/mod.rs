@@ -1,0 +1,53 @@
+//! The destination of a sync, behind a small trait so that the apply loop does not know where
+//! the replica lives. [`local::LocalReplica`] is a real directory.
+//!
+//! Contract shared by every implementation:
+//! - Paths are [`RelPath`]s below the replica root; nothing outside it is ever touched, and no
+//!   symlink inside it is followed.
+//! - `write_file`, `copy_file`, `symlink` and `hard_link` build the node under a temporary name
+//!   in the target's directory, set its metadata, and rename it into place: a reader or a crash
+//!   sees the old node or the new one, never a partial one.
+//! - `mkdir` of an existing directory succeeds; `remove` of a missing node succeeds.
+
+pub mod local;
+
+use std::io::{self, Read};
+
+use crate::entry::{Fingerprint, Hash, Kind, Meta, RelPath};
+
+/// How a file's bytes are checked before it is renamed into place. Returning an error aborts
+/// the operation and leaves the old node where it was.
+pub type Check<'a> = &'a mut dyn FnMut(&Hash, u64) -> io::Result<()>;
+
+pub trait Replica: Sync {
+    /// Renames a file, symlink or whole directory.
+    fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()>;
+    /// Removes a file, symlink, special file or empty directory.
+    fn remove(&self, path: &RelPath, kind: Kind) -> io::Result<()>;
+    fn mkdir(&self, path: &RelPath) -> io::Result<()>;
+    /// Writes `data` to a new file at `path`, hashing it on the way; `check` sees the hash and
+    /// length before the file is put in place. Returns both.
+    fn write_file(
+        &self,
+        path: &RelPath,
+        data: &mut dyn Read,
+        meta: &Meta,
+        check: Check,
+    ) -> io::Result<(Hash, u64)>;
+    /// Copies the replica file `from` to `to`. When `trusted` is the fingerprint `from` had when
+    /// it was hashed and still has, the bytes are copied by the kernel (reflink where it can)
+    /// without being read here; otherwise they are hashed on the way and `check` decides.
+    fn copy_file(
+        &self,
+        from: &RelPath,
+        to: &RelPath,
+        trusted: Option<(&Fingerprint, &Hash)>,
+        meta: &Meta,
+        check: Check,
+    ) -> io::Result<(Hash, u64)>;
+    fn symlink(&self, path: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()>;
+    fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<()>;
+    fn set_meta(&self, path: &RelPath, kind: Kind, meta: &Meta) -> io::Result<()>;
+    /// The node's fingerprint, without following a symlink.
+    fn stat(&self, path: &RelPath) -> io::Result<Fingerprint>;
+}

@@ -1,0 +1,339 @@
+//! Walks one tree (the source or the replica) and builds its [`Tree`]: every path with its kind,
+//! metadata, stat fingerprint and, where it is needed, its content hash.
+//!
+//! Invariants:
+//! - Symlinks are never followed; the walk stays on the tree it was given.
+//! - A cached hash is reused only when the whole fingerprint (size, mtime, ctime, inode, device)
+//!   matches and the cached entry is not racily clean ([`Entry::is_racy`]).
+//! - A hash is computed from bytes read between two `fstat`s that agree; a file that changes
+//!   while it is read gets no hash (`None`), so it can never be recorded as synced.
+//! - A path that could not be read is listed in [`Tree::unknown`]: nothing at or below it may be
+//!   deleted or replaced on the strength of this scan.
+
+use std::collections::HashMap;
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::entry::{Content, Entry, Fingerprint, Meta, RelPath, Time};
+use crate::hash;
+
+/// Which tree is scanned: the source skips special files with a warning, the replica lists
+/// them so that they get removed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Side {
+    Source,
+    Replica,
+}
+
+/// A path that could not be read, and why.
+#[derive(Debug)]
+pub struct Problem {
+    pub path: PathBuf,
+    pub error: io::Error,
+}
+
+/// A scanned tree, sorted in canonical order, the root (empty path) first.
+#[derive(Debug, Default)]
+pub struct Tree {
+    pub entries: Vec<(RelPath, Entry)>,
+    /// Paths whose state is unknown (unreadable): nothing at or below them is touched.
+    pub unknown: Vec<RelPath>,
+    /// Special files (FIFOs, sockets, devices) skipped in the source.
+    pub specials: Vec<RelPath>,
+    pub problems: Vec<Problem>,
+    /// How many files were read to hash them, and their bytes.
+    pub hashed_files: u64,
+    pub hashed_bytes: u64,
+}
+
+impl Tree {
+    pub fn get(&self, path: &RelPath) -> Option<&Entry> {
+        self.entries
+            .binary_search_by(|(p, _)| p.cmp(path))
+            .ok()
+            .map(|i| &self.entries[i].1)
+    }
+
+    /// True if `path` is, or lies below, a path whose state is unknown.
+    pub fn is_unknown(&self, path: &RelPath) -> bool {
+        self.unknown
+            .iter()
+            .any(|u| u == path || u.is_ancestor_of(path))
+    }
+
+    /// Indexes of files whose content hash is not known.
+    pub fn unhashed(&self) -> impl Iterator<Item = usize> + '_ {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, e))| matches!(e.content, Content::File { hash: None, .. }))
+            .map(|(i, _)| i)
+    }
+}
+
+/// Stats every node below `root` without reading file contents, reusing hashes from `cache`
+/// (canonically sorted, as recorded in the index) where they are still valid.
+pub fn walk(root: &Path, side: Side, cache: &[(RelPath, Entry)]) -> Tree {
+    let mut tree = Tree::default();
+    let walker = walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .follow_root_links(true)
+        .same_file_system(false);
+    let seen = Time::now();
+    for item in walker {
+        let dent = match item {
+            Ok(d) => d,
+            Err(err) => {
+                let path = err.path().unwrap_or(root).to_path_buf();
+                let error = err
+                    .into_io_error()
+                    .unwrap_or_else(|| io::Error::other("filesystem loop"));
+                if error.kind() != io::ErrorKind::NotFound {
+                    if let Some(rel) = relative(root, &path) {
+                        tree.unknown.push(rel);
+                    }
+                    tree.problems.push(Problem { path, error });
+                }
+                continue;
+            }
+        };
+        let Some(rel) = relative(root, dent.path()) else {
+            continue;
+        };
+        let md = match dent.metadata() {
+            Ok(md) => md,
+            Err(err) => {
+                let error = err
+                    .into_io_error()
+                    .unwrap_or_else(|| io::Error::other("metadata"));
+                if error.kind() != io::ErrorKind::NotFound {
+                    tree.unknown.push(rel);
+                    tree.problems.push(Problem {
+                        path: dent.path().to_path_buf(),
+                        error,
+                    });
+                }
+                continue;
+            }
+        };
+        let ft = md.file_type();
+        let content = if ft.is_file() {
+            Content::File {
+                size: md.size(),
+                hash: (md.size() == 0).then(hash::empty_hash),
+            }
+        } else if ft.is_dir() {
+            Content::Dir { tree: None }
+        } else if ft.is_symlink() {
+            match std::fs::read_link(dent.path()) {
+                Ok(t) => Content::Symlink {
+                    target: t.as_os_str().as_bytes().to_vec(),
+                },
+                Err(error) => {
+                    if error.kind() != io::ErrorKind::NotFound {
+                        tree.unknown.push(rel);
+                        tree.problems.push(Problem {
+                            path: dent.path().to_path_buf(),
+                            error,
+                        });
+                    }
+                    continue;
+                }
+            }
+        } else if ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device() {
+            if side == Side::Source {
+                tree.specials.push(rel);
+                continue;
+            }
+            Content::Special
+        } else {
+            continue;
+        };
+        if rel.is_root() && !matches!(content, Content::Dir { .. }) {
+            continue;
+        }
+        let entry = Entry {
+            content,
+            meta: meta_of(&md),
+            fp: fingerprint(&md),
+            seen,
+            link: None,
+        };
+        tree.entries.push((rel, entry));
+    }
+    tree.entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    reuse_hashes(&mut tree.entries, cache);
+    fill_links(&mut tree.entries);
+    tree
+}
+
+/// Copies hashes from `cache` into entries whose fingerprint still matches.
+fn reuse_hashes(entries: &mut [(RelPath, Entry)], cache: &[(RelPath, Entry)]) {
+    let mut c = cache.iter().peekable();
+    for (path, e) in entries.iter_mut() {
+        while c.peek().is_some_and(|(cp, _)| cp < path) {
+            c.next();
+        }
+        let Some((cp, ce)) = c.peek() else { break };
+        if cp != path {
+            continue;
+        }
+        if let (Content::File { hash: h @ None, .. }, Content::File { hash: Some(ch), .. }) =
+            (&mut e.content, &ce.content)
+            && ce.fp == e.fp
+            && !ce.is_racy()
+        {
+            *h = Some(*ch);
+            // Keep the time the hash was taken: that is what decides raciness.
+            e.seen = ce.seen;
+        }
+    }
+}
+
+/// Records, for every file with other hard links in the tree, the first of its paths.
+fn fill_links(entries: &mut [(RelPath, Entry)]) {
+    let mut first: HashMap<(u64, u64), RelPath> = HashMap::new();
+    for (path, e) in entries.iter_mut() {
+        if !matches!(e.content, Content::File { .. }) {
+            continue;
+        }
+        // nlink is not kept; every file is checked, but only shared inodes are stored.
+        match first.get(&(e.fp.dev, e.fp.ino)) {
+            Some(leader) => e.link = Some(leader.clone()),
+            None => {
+                first.insert((e.fp.dev, e.fp.ino), path.clone());
+            }
+        }
+    }
+}
+
+/// Hashes the files at `which` (indexes into `tree.entries`) in parallel. A file that vanished
+/// is dropped from the tree; one that cannot be read becomes unknown.
+pub fn hash_files(root: &Path, tree: &mut Tree, which: &[usize]) {
+    let results: Vec<(usize, io::Result<Option<(Entry, u64)>>)> = which
+        .par_iter()
+        .map(|&i| {
+            let (path, e) = &tree.entries[i];
+            (i, hash_one(&path.to_path(root), e))
+        })
+        .collect();
+    let mut drop_idx = Vec::new();
+    for (i, r) in results {
+        match r {
+            Ok(Some((e, n))) => {
+                tree.hashed_files += 1;
+                tree.hashed_bytes += n;
+                tree.entries[i].1 = e;
+            }
+            Ok(None) => drop_idx.push(i),
+            Err(error) => {
+                let path = tree.entries[i].0.clone();
+                tree.problems.push(Problem {
+                    path: path.to_path(root),
+                    error,
+                });
+                tree.unknown.push(path);
+                drop_idx.push(i);
+            }
+        }
+    }
+    if !drop_idx.is_empty() {
+        drop_idx.sort_unstable();
+        let mut k = 0;
+        let mut idx = 0;
+        tree.entries.retain(|_| {
+            let keep = drop_idx.get(k) != Some(&idx);
+            if !keep {
+                k += 1;
+            }
+            idx += 1;
+            keep
+        });
+    }
+}
+
+/// Reads one file and returns its entry with the hash filled in, or `None` if it vanished or
+/// stopped being a regular file.
+fn hash_one(path: &Path, old: &Entry) -> io::Result<Option<(Entry, u64)>> {
+    let file = match open_nofollow(path) {
+        Ok(f) => f,
+        Err(e) if vanished(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let seen = Time::now();
+    let before = file.metadata()?;
+    if !before.file_type().is_file() {
+        return Ok(None);
+    }
+    let (h, n) = hash::hash_reader(&mut &file)?;
+    let after = file.metadata()?;
+    let fp = fingerprint(&before);
+    let stable = fp == fingerprint(&after) && n == before.size();
+    let e = Entry {
+        content: Content::File {
+            size: before.size(),
+            hash: stable.then_some(h),
+        },
+        meta: meta_of(&before),
+        fp,
+        seen,
+        link: old.link.clone(),
+    };
+    Ok(Some((e, n)))
+}
+
+/// Opens a regular file for reading without following a symlink and without blocking on a FIFO
+/// that replaced it.
+pub fn open_nofollow(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags())
+        .open(path)
+}
+
+fn libc_flags() -> i32 {
+    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32
+}
+
+/// Errors that mean the path is simply gone (or was replaced mid-scan).
+pub fn vanished(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::NotFound) || e.raw_os_error() == Some(40) // ELOOP: now a symlink
+}
+
+pub fn meta_of(md: &Metadata) -> Meta {
+    Meta {
+        mode: md.mode() & 0o7777,
+        mtime: Time {
+            sec: md.mtime(),
+            nsec: md.mtime_nsec() as u32,
+        },
+        uid: md.uid(),
+        gid: md.gid(),
+    }
+}
+
+pub fn fingerprint(md: &Metadata) -> Fingerprint {
+    Fingerprint {
+        size: if md.is_dir() { 0 } else { md.size() },
+        mtime: Time {
+            sec: md.mtime(),
+            nsec: md.mtime_nsec() as u32,
+        },
+        ctime: Time {
+            sec: md.ctime(),
+            nsec: md.ctime_nsec() as u32,
+        },
+        ino: md.ino(),
+        dev: md.dev(),
+    }
+}
+
+fn relative(root: &Path, path: &Path) -> Option<RelPath> {
+    let rest = path.strip_prefix(root).ok()?;
+    RelPath::from_bytes(rest.as_os_str().as_bytes()).ok()
+}

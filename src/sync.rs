@@ -1,0 +1,299 @@
+//! The commands' engine: scan both trees, diff, plan, and (for `sync`) apply and record.
+//!
+//! Data flow of one pass:
+//! 1. Load the recorded trees from the index (hash caches for both sides).
+//! 2. Walk the source and the replica at the same time, one thread each, stat only.
+//! 3. Hash the files whose hash is not cached and whose size some file on the other side has
+//!    (no other file can match them; the rest are hashed while they are copied).
+//! 4. Tree hashes, diff, plan; guard rails.
+//! 5. Record what the scans learned, apply the plan, record each finished operation.
+
+use std::collections::HashSet;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use crate::apply::{Outcome, Recorder, apply};
+use crate::config::Config;
+use crate::diff::diff;
+use crate::entry::{Content, Entry, RelPath};
+use crate::error::{Error, Result};
+use crate::hash::fill_tree_hashes;
+use crate::index::{Index, ReadIndex, Roots, Table, Update};
+use crate::oplog::OpLog;
+use crate::plan::{Code, Plan, plan};
+use crate::replica::local::LocalReplica;
+use crate::scan::{self, Side, Tree};
+
+/// What one pass found and did.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub plan: Plan,
+    pub outcome: Outcome,
+    /// Problems met while scanning (unreadable paths), already described.
+    pub scan_errors: Vec<String>,
+    /// Special files in the source that were skipped.
+    pub skipped: Vec<RelPath>,
+    pub files_hashed: u64,
+    pub bytes_hashed: u64,
+    pub elapsed: Duration,
+}
+
+impl Report {
+    pub fn error_count(&self) -> usize {
+        self.scan_errors.len() + self.outcome.errors.len()
+    }
+
+    /// The one-line summary printed after a sync and logged.
+    pub fn summary(&self) -> String {
+        let p = &self.plan;
+        format!(
+            "{} created, {} modified, {} deleted, {} moved, {} copied, {} type changed, {} metadata, {} copied from source, {} errors in {:.2}s",
+            p.count(Code::Add),
+            p.count(Code::Modify),
+            p.count(Code::Delete),
+            p.count(Code::Move),
+            p.count(Code::Copy),
+            p.count(Code::Type),
+            p.count(Code::Meta),
+            human_bytes(self.outcome.bytes_written),
+            self.error_count(),
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Both trees of one pass, ready to diff.
+struct Scanned {
+    src: Tree,
+    dst: Tree,
+}
+
+fn scan_both(
+    cfg: &Config,
+    src_cache: &[(RelPath, Entry)],
+    dst_cache: &[(RelPath, Entry)],
+) -> Scanned {
+    let roots = &cfg.roots;
+    let (mut src, mut dst) = std::thread::scope(|s| {
+        let d = s.spawn(|| {
+            if roots.replica.exists() {
+                scan::walk(&roots.replica, Side::Replica, dst_cache)
+            } else {
+                Tree::default()
+            }
+        });
+        let src = scan::walk(&roots.source, Side::Source, src_cache);
+        (src, d.join().expect("replica walk does not panic"))
+    });
+    let sizes = |t: &Tree| -> HashSet<u64> {
+        t.entries
+            .iter()
+            .filter_map(|(_, e)| match e.content {
+                Content::File { size, .. } => Some(size),
+                _ => None,
+            })
+            .collect()
+    };
+    let (src_sizes, dst_sizes) = (sizes(&src), sizes(&dst));
+    let need = |t: &Tree, other: &HashSet<u64>| -> Vec<usize> {
+        t.unhashed()
+            .filter(|&i| other.contains(&t.entries[i].1.size()))
+            .collect()
+    };
+    let src_need = need(&src, &dst_sizes);
+    let dst_need = need(&dst, &src_sizes);
+    scan::hash_files(&roots.source, &mut src, &src_need);
+    scan::hash_files(&roots.replica, &mut dst, &dst_need);
+    fill_tree_hashes(&mut src.entries, cfg.owners);
+    fill_tree_hashes(&mut dst.entries, cfg.owners);
+    Scanned { src, dst }
+}
+
+fn make_plan(cfg: &Config, s: &Scanned) -> Plan {
+    let changes = diff(&s.src.entries, &s.dst.entries, cfg.owners, &|p| {
+        s.src.is_unknown(p)
+    });
+    plan(&changes, &s.src.entries, &s.dst.entries, cfg.owners)
+}
+
+fn describe_problems(report: &mut Report, s: &Scanned) {
+    for p in s.src.problems.iter().chain(&s.dst.problems) {
+        report.scan_errors.push(format!(
+            "cannot read {}: {}; it is left as it was in the replica",
+            p.path.display(),
+            p.error
+        ));
+    }
+    report.skipped = s.src.specials.clone();
+    report.files_hashed = s.src.hashed_files + s.dst.hashed_files;
+    report.bytes_hashed = s.src.hashed_bytes + s.dst.hashed_bytes;
+}
+
+/// `status` and `sync --dry-run`: what a sync would do, without writing anything anywhere.
+pub fn status(cfg: &Config) -> Result<Report> {
+    let start = Instant::now();
+    let roots = Roots {
+        source: &cfg.roots.source,
+        replica: &cfg.roots.replica,
+    };
+    let index = ReadIndex::open(&cfg.index, &roots)?;
+    let src_cache = index.load(Table::Source)?;
+    let dst_cache = index.load(Table::Replica)?;
+    drop(index);
+    let s = scan_both(cfg, &src_cache, &dst_cache);
+    let mut report = Report {
+        plan: make_plan(cfg, &s),
+        ..Report::default()
+    };
+    describe_problems(&mut report, &s);
+    report.elapsed = start.elapsed();
+    Ok(report)
+}
+
+/// A replica opened for syncing: holds the index (and with it the single-writer lock).
+pub struct Session {
+    cfg: Config,
+    index: Index,
+    log: OpLog,
+}
+
+impl Session {
+    pub fn open(cfg: &Config) -> Result<Session> {
+        let roots = Roots {
+            source: &cfg.roots.source,
+            replica: &cfg.roots.replica,
+        };
+        let index = Index::open(&cfg.index, &roots, cfg.reindex)?;
+        let log = OpLog::open(cfg.log_file.as_deref())?;
+        Ok(Session {
+            cfg: cfg.clone(),
+            index,
+            log,
+        })
+    }
+
+    /// One full pass: after it, the replica mirrors the source as scanned, except for the paths
+    /// reported as errors.
+    pub fn sync(&mut self, stop: &AtomicBool) -> Result<Report> {
+        let start = Instant::now();
+        let cfg = &self.cfg;
+        let replica_root = &cfg.roots.replica;
+        if !replica_root.exists() {
+            std::fs::create_dir_all(replica_root).map_err(|e| Error::io(replica_root, e))?;
+        }
+        let src_cache = self.index.load(Table::Source)?;
+        let dst_cache = self.index.load(Table::Replica)?;
+        let s = scan_both(cfg, &src_cache, &dst_cache);
+        let plan = make_plan(cfg, &s);
+        guard_rails(cfg, &s, &plan)?;
+
+        let mut rec = Recorder::new(Some(&self.index));
+        for u in learned(&s.src, &src_cache, Table::Source)
+            .into_iter()
+            .chain(learned(&s.dst, &dst_cache, Table::Replica))
+        {
+            rec.push(u)?;
+        }
+        drop((src_cache, dst_cache));
+        let replica =
+            LocalReplica::open(replica_root, cfg.owners).map_err(|e| Error::io(replica_root, e))?;
+        let outcome = apply(
+            &plan,
+            &replica,
+            &cfg.roots.source,
+            &mut rec,
+            &mut self.log,
+            stop,
+        )?;
+        let mut report = Report {
+            plan,
+            outcome,
+            ..Report::default()
+        };
+        describe_problems(&mut report, &s);
+        for e in &report.scan_errors {
+            self.log.error(e);
+        }
+        report.elapsed = start.elapsed();
+        self.log.summary(&report.summary());
+        Ok(report)
+    }
+}
+
+fn guard_rails(cfg: &Config, s: &Scanned, plan: &Plan) -> Result<()> {
+    let src_empty = s.src.entries.len() <= 1 && s.src.unknown.is_empty();
+    let dst_files = s.dst.entries.len().saturating_sub(1);
+    if (src_empty || s.src.entries.is_empty()) && dst_files > 0 && !cfg.allow_empty_source {
+        return Err(Error::Refused {
+            msg: format!(
+                "source {} is empty but replica {} holds {dst_files} entries; refusing to delete them all \
+                 (an unmounted disk looks like this); pass --allow-empty-source if this is intended",
+                cfg.roots.source.display(),
+                cfg.roots.replica.display()
+            ),
+        });
+    }
+    if let Some(max) = cfg.max_delete {
+        let n = plan.removals();
+        if n > max {
+            return Err(Error::Refused {
+                msg: format!(
+                    "this sync would delete {n} entries from replica {}, more than --max-delete {max}; \
+                     nothing was changed; check the source, or raise the limit",
+                    cfg.roots.replica.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Index updates for what a scan learned: new hashes, and paths that no longer exist.
+/// Only files are recorded (directories and symlinks are cheaper to stat than to look up).
+fn learned(tree: &Tree, cache: &[(RelPath, Entry)], table: Table) -> Vec<Update> {
+    let mut removes = Vec::new();
+    let mut puts = Vec::new();
+    let mut c = cache.iter().peekable();
+    for (path, e) in &tree.entries {
+        while let Some((cp, _)) = c.peek() {
+            if cp < path {
+                if !tree.is_unknown(cp) {
+                    removes.push(Update::Remove(table, cp.clone()));
+                }
+                c.next();
+            } else {
+                break;
+            }
+        }
+        let cached = c.next_if(|(cp, _)| cp == path).map(|(_, ce)| ce);
+        match (e.file_hash(), cached) {
+            (Some(_), Some(ce)) if ce == e => {}
+            (Some(_), _) => puts.push(Update::Put(table, path.clone(), e.clone())),
+            (None, Some(_)) => removes.push(Update::Remove(table, path.clone())),
+            (None, None) => {}
+        }
+    }
+    for (cp, _) in c {
+        if !tree.is_unknown(cp) {
+            removes.push(Update::Remove(table, cp.clone()));
+        }
+    }
+    // Removals first: `Remove` takes a whole subtree, and a removed file may now be a directory.
+    removes.extend(puts);
+    removes
+}
