@@ -223,8 +223,8 @@ class Runner:
         env = dict(os.environ if env is None else env)
         ru0 = _children_cpu()
         try:
-            t0 = time.perf_counter()
             pid = os.fork()
+            t0 = time.perf_counter()   # after fork: the cost of forking this Python process is not the tool's
             if pid == 0:  # child
                 try:
                     os.setpgid(0, 0)
@@ -588,6 +588,7 @@ class Bench:
         self.failed = False
         self.rclone_conf = self.root / "rclone.conf"
         self.run_counter = 0
+        self.load_start = os.getloadavg()[0]
 
     # -- setup --
     def prepare_root(self):
@@ -799,7 +800,8 @@ class Bench:
             return f"{what}: timed out after {self.args.timeout:.0f}s"
         if res.rc != 0:
             tail = self._err_tail(err)
-            return f"{what}: exit {res.rc}" + (f": {tail}" if tail else "")
+            return (f"{what}: exit {res.rc}" + (f": {tail}" if tail else "")
+                    + (f" (log {err})" if self.args.keep else ""))
         return None
 
     def _index_bytes(self, state: Path) -> int:
@@ -1010,6 +1012,8 @@ class Bench:
             f"- kernel: {sh(['uname', '-r'])} ({platform.machine()})",
             f"- filesystem of --root ({self.root}): {sh(['stat', '-f', '-c', '%T', str(self.root)])}",
             f"- python: {platform.python_version()}",
+            f"- load average (1 min) at start / end: {self.load_start:.2f} / {os.getloadavg()[0]:.2f} "
+            f"(anything well above 0 means other work competed for the {os.cpu_count()} CPUs)",
         ]
 
     def report(self, cmdline: str, started: str, elapsed: float) -> str:
@@ -1107,7 +1111,7 @@ class Bench:
             size = max(idx)
             txt = f"index {size / MiB:.2f} MiB"
             files = r.size or (self.datasets.get(r.workload) or {}).get("files")
-            if files:
+            if files and files >= 1000:
                 txt += f" ({size / MiB / files * 100_000:.2f} MiB per 100k files)"
             notes.append(txt)
         rss = r.peak_rss_mib()

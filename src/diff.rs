@@ -234,7 +234,6 @@ pub(crate) mod tests {
             ("b", file("same", 1)),
             ("c", file("x", 1)),
         ]);
-        // The root's tree hash differs, and so does its meta? No: both roots have equal meta.
         assert_eq!(run(&src, &dst), ["M a", "m b", "D c", "A d"]);
     }
 

@@ -563,3 +563,336 @@ fn lookup<'t>(tree: &'t [(RelPath, Entry)], path: &RelPath) -> Option<&'t Entry>
         .ok()
         .map(|i| &tree[i].1)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::diff::diff;
+    use crate::diff::tests::{dir, file, link, p, tree};
+
+    /// Runs a plan on an in-memory replica, enforcing what a filesystem enforces (parents
+    /// exist, a directory is empty before it is removed, a rename does not land on a directory),
+    /// and returns the final tree.
+    fn simulate(plan: &Plan, dst: &[(RelPath, Entry)]) -> BTreeMap<RelPath, Entry> {
+        let mut m: BTreeMap<RelPath, Entry> = dst.iter().cloned().collect();
+        let parent_ok = |m: &BTreeMap<RelPath, Entry>, path: &RelPath| {
+            let parent = path.parent().expect("not the root");
+            assert!(
+                m.get(&parent).is_some_and(Entry::is_dir),
+                "no parent for {path}"
+            );
+        };
+        let move_tree = |m: &mut BTreeMap<RelPath, Entry>, from: &RelPath, to: &RelPath| {
+            let keys: Vec<RelPath> = m
+                .keys()
+                .filter(|k| *k == from || from.is_ancestor_of(k))
+                .cloned()
+                .collect();
+            assert!(!keys.is_empty(), "rename of missing {from}");
+            if let Some(old) = m.get(to) {
+                assert!(!old.is_dir(), "rename onto directory {to}");
+            }
+            for k in keys {
+                let e = m.remove(&k).unwrap();
+                m.insert(k.rebase(from, to), e);
+            }
+        };
+        for op in &plan.ops {
+            match op {
+                Op::Stage { from, tmp } => {
+                    assert!(!m.contains_key(tmp));
+                    move_tree(&mut m, from, tmp);
+                }
+                Op::Remove { path, .. } => {
+                    assert!(m.contains_key(path), "remove of missing {path}");
+                    assert!(
+                        !m.keys().any(|k| path.is_ancestor_of(k)),
+                        "remove of non-empty {path}"
+                    );
+                    m.remove(path);
+                }
+                Op::Mkdir { path, src, .. } => {
+                    parent_ok(&m, path);
+                    assert!(!m.contains_key(path), "mkdir over {path}");
+                    m.insert(path.clone(), src.clone());
+                }
+                Op::Rename { tmp, to, .. } => {
+                    parent_ok(&m, to);
+                    move_tree(&mut m, tmp, to);
+                }
+                Op::Copy { from, to, src, .. } => {
+                    parent_ok(&m, to);
+                    let f = m.get(from).expect("copy source exists");
+                    assert_eq!(
+                        f.file_hash(),
+                        src.file_hash(),
+                        "copy {from} has other content"
+                    );
+                    m.insert(to.clone(), src.clone());
+                }
+                Op::Write { path, src, .. } | Op::Symlink { path, src, .. } => {
+                    parent_ok(&m, path);
+                    assert!(
+                        !m.get(path).is_some_and(Entry::is_dir),
+                        "write over dir {path}"
+                    );
+                    m.insert(path.clone(), src.clone());
+                }
+                Op::Link {
+                    leader, path, src, ..
+                } => {
+                    parent_ok(&m, path);
+                    assert_eq!(m.get(leader).and_then(Entry::file_hash), src.file_hash());
+                    m.insert(path.clone(), src.clone());
+                }
+                Op::SetMeta { path, src } => {
+                    m.get_mut(path).expect("meta of existing").meta = src.meta;
+                }
+            }
+        }
+        m
+    }
+
+    /// Plans src over dst, runs the plan, and checks the result mirrors src.
+    fn check(src: &[(RelPath, Entry)], dst: &[(RelPath, Entry)]) -> Plan {
+        let changes = diff(src, dst, false, &|_| false);
+        let plan = plan(&changes, src, dst, false);
+        let out = simulate(&plan, dst);
+        let want: BTreeMap<RelPath, (Kind, Option<Hash>, Option<Vec<u8>>, u32, i64)> =
+            src.iter().map(|(p, e)| (p.clone(), shape(e))).collect();
+        let got: BTreeMap<RelPath, (Kind, Option<Hash>, Option<Vec<u8>>, u32, i64)> =
+            out.iter().map(|(p, e)| (p.clone(), shape(e))).collect();
+        assert_eq!(got, want, "plan: {:#?}", plan.ops);
+        plan
+    }
+
+    fn shape(e: &Entry) -> (Kind, Option<Hash>, Option<Vec<u8>>, u32, i64) {
+        let target = match &e.content {
+            Content::Symlink { target } => Some(target.clone()),
+            _ => None,
+        };
+        (
+            e.kind(),
+            e.file_hash(),
+            target,
+            e.meta.mode,
+            e.meta.mtime.sec,
+        )
+    }
+
+    fn lines(plan: &Plan) -> Vec<String> {
+        plan.items
+            .iter()
+            .map(|i| match &i.from {
+                Some(f) => format!("{} {f} -> {}", i.code.letter(), i.path),
+                None => format!("{} {}", i.code.letter(), i.path),
+            })
+            .collect()
+    }
+
+    fn count(plan: &Plan, pred: impl Fn(&Op) -> bool) -> usize {
+        plan.ops.iter().filter(|o| pred(o)).count()
+    }
+
+    #[test]
+    fn file_rename_is_a_move() {
+        let dst = tree(vec![("a", file("x", 1))]);
+        let src = tree(vec![("b", file("x", 1))]);
+        let plan = check(&src, &dst);
+        assert_eq!(lines(&plan), ["R a -> b"]);
+        assert_eq!(count(&plan, |o| matches!(o, Op::Write { .. })), 0);
+    }
+
+    #[test]
+    fn directory_move_is_one_rename() {
+        let mut d = vec![("old", dir())];
+        let mut s = vec![("new", dir())];
+        let names: Vec<String> = (0..50).map(|i| format!("f{i}")).collect();
+        for (i, n) in names.iter().enumerate() {
+            d.push((
+                Box::leak(format!("old/{n}").into_boxed_str()),
+                file(n, i as i64),
+            ));
+            s.push((
+                Box::leak(format!("new/{n}").into_boxed_str()),
+                file(n, i as i64),
+            ));
+        }
+        d.push(("old/sub", dir()));
+        s.push(("new/sub", dir()));
+        let (dst, src) = (tree(d), tree(s));
+        let plan = check(&src, &dst);
+        assert_eq!(lines(&plan), ["R old -> new"]);
+        assert_eq!(count(&plan, |o| matches!(o, Op::Rename { .. })), 1);
+        assert_eq!(count(&plan, |o| matches!(o, Op::Remove { .. })), 0);
+    }
+
+    #[test]
+    fn swap_and_three_cycle() {
+        let dst = tree(vec![("a", file("A", 1)), ("b", file("B", 1))]);
+        let src = tree(vec![("a", file("B", 1)), ("b", file("A", 1))]);
+        let plan = check(&src, &dst);
+        assert_eq!(lines(&plan), ["R b -> a", "R a -> b"]);
+
+        let dst = tree(vec![
+            ("a", file("A", 1)),
+            ("b", file("B", 1)),
+            ("c", file("C", 1)),
+        ]);
+        let src = tree(vec![
+            ("a", file("C", 1)),
+            ("b", file("A", 1)),
+            ("c", file("B", 1)),
+        ]);
+        let plan = check(&src, &dst);
+        assert_eq!(count(&plan, |o| matches!(o, Op::Write { .. })), 0);
+    }
+
+    #[test]
+    fn directory_swap() {
+        let dst = tree(vec![
+            ("x", dir()),
+            ("x/1", file("one", 1)),
+            ("y", dir()),
+            ("y/2", file("two", 1)),
+        ]);
+        let src = tree(vec![
+            ("x", dir()),
+            ("x/2", file("two", 1)),
+            ("y", dir()),
+            ("y/1", file("one", 1)),
+        ]);
+        let plan = check(&src, &dst);
+        assert_eq!(count(&plan, |o| matches!(o, Op::Write { .. })), 0);
+    }
+
+    #[test]
+    fn type_changes_in_every_direction() {
+        let dst = tree(vec![
+            ("f2d", file("f", 1)),
+            ("d2f", dir()),
+            ("d2f/inner", file("i", 1)),
+            ("f2l", file("g", 1)),
+            ("l2d", link("t")),
+        ]);
+        let src = tree(vec![
+            ("f2d", dir()),
+            ("f2d/new", file("n", 1)),
+            ("d2f", file("now a file", 1)),
+            ("f2l", link("target")),
+            ("l2d", dir()),
+        ]);
+        let plan = check(&src, &dst);
+        let l = lines(&plan);
+        assert!(l.contains(&"T f2d".to_string()) && l.contains(&"T d2f".to_string()));
+        assert!(l.contains(&"D d2f/inner".to_string()));
+    }
+
+    #[test]
+    fn moved_file_into_a_type_changed_path() {
+        // `a` was a file and becomes a directory holding the old content of `b`.
+        let dst = tree(vec![("a", file("A", 1)), ("b", file("B", 1))]);
+        let src = tree(vec![("a", dir()), ("a/b", file("B", 1))]);
+        let plan = check(&src, &dst);
+        assert!(lines(&plan).contains(&"R b -> a/b".to_string()));
+    }
+
+    #[test]
+    fn copies_come_from_stable_files_and_moved_ones() {
+        let dst = tree(vec![("keep", file("K", 1)), ("gone", file("G", 1))]);
+        let src = tree(vec![
+            ("keep", file("K", 1)),
+            ("k2", file("K", 1)),
+            ("g1", file("G", 1)),
+            ("g2", file("G", 1)),
+        ]);
+        let plan = check(&src, &dst);
+        let l = lines(&plan);
+        assert!(l.contains(&"C keep -> k2".to_string()), "{l:?}");
+        assert!(l.contains(&"R gone -> g1".to_string()), "{l:?}");
+        assert!(l.contains(&"C g1 -> g2".to_string()), "{l:?}");
+        assert_eq!(count(&plan, |o| matches!(o, Op::Write { .. })), 0);
+    }
+
+    #[test]
+    fn copy_source_never_lies_in_a_directory_moved_away() {
+        let dst = tree(vec![
+            ("d", dir()),
+            ("d/f", file("F", 1)),
+            ("d/g", file("G", 1)),
+        ]);
+        let src = tree(vec![
+            ("e", dir()),
+            ("e/f", file("F", 1)),
+            ("e/g", file("G", 1)),
+            ("z", file("F", 1)),
+        ]);
+        check(&src, &dst);
+    }
+
+    #[test]
+    fn moved_file_with_new_mode_gets_its_metadata() {
+        let dst = tree(vec![("a", file("x", 1))]);
+        let mut e = file("x", 7);
+        e.meta.mode = 0o600;
+        let src = tree(vec![("b", e)]);
+        let plan = check(&src, &dst);
+        assert!(
+            plan.ops
+                .iter()
+                .any(|o| matches!(o, Op::SetMeta { path, .. } if *path == p("b")))
+        );
+    }
+
+    #[test]
+    fn hard_links_follow_their_leader() {
+        let dst = tree(vec![]);
+        let mut b = file("same", 1);
+        b.link = Some(p("a"));
+        let src = tree(vec![("a", file("same", 1)), ("b", b)]);
+        let plan = check(&src, &dst);
+        let link_at = plan
+            .ops
+            .iter()
+            .position(|o| matches!(o, Op::Link { .. }))
+            .unwrap();
+        let write_at = plan
+            .ops
+            .iter()
+            .position(|o| matches!(o, Op::Write { .. }) || matches!(o, Op::Copy { .. }))
+            .unwrap();
+        assert!(write_at < link_at);
+    }
+
+    #[test]
+    fn unknown_hashes_are_written_not_matched() {
+        let dst = tree(vec![("a", file("x", 1))]);
+        let mut e = file("x", 1);
+        e.content = Content::File {
+            size: 1,
+            hash: None,
+        };
+        let src = tree(vec![("b", e)]);
+        let changes = diff(&src, &dst, false, &|_| false);
+        let plan = plan(&changes, &src, &dst, false);
+        assert_eq!(lines(&plan), ["D a", "A b"]);
+    }
+
+    #[test]
+    fn stage_names_avoid_existing_paths() {
+        let name = format!("{TMP_PREFIX}stage-0");
+        let dst = tree(vec![
+            ("a", file("A", 1)),
+            ("b", file("B", 1)),
+            (Box::leak(name.clone().into_boxed_str()), file("z", 1)),
+        ]);
+        let src = tree(vec![
+            ("a", file("B", 1)),
+            ("b", file("A", 1)),
+            (Box::leak(name.into_boxed_str()), file("z", 1)),
+        ]);
+        check(&src, &dst);
+    }
+}

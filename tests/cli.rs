@@ -104,6 +104,7 @@ fn sync_into_non_empty_dst_adopts_matching_content_and_replaces_the_rest() {
     write(&d.join("wrong.txt"), "the WRONG content\n");
     write(&d.join("extra/x/y.txt"), "extra\n");
     write(&d.join("extra.txt"), "extra\n");
+    mkdir(&d.join("keep"));
     symlink("nowhere", &d.join("keep/stray-link"));
     let adopted_ino = ino(&d.join("moved/elsewhere.bin"));
     let same_ino = ino(&d.join("same.txt"));

@@ -409,11 +409,8 @@ pub fn make_tree(root: &Path, n_files: usize) {
         let path = root.join(rel);
         write(&path, bytes(i as u64, len));
         set_mode(&path, MODES[i % MODES.len()]);
-        set_mtime(
-            &path,
-            1_500_000_000 + 17 * i as i64,
-            (i as u32 * 123_456_789) % 1_000_000_000,
-        );
+        let nanos = (i as u64 * 123_456_789 % 1_000_000_000) as u32;
+        set_mtime(&path, 1_500_000_000 + 17 * i as i64, nanos);
     }
     // Directory mtimes last, deepest first, so creating children cannot disturb them.
     let mut dirs: Vec<Vec<u8>> = snapshot(root)
