@@ -65,6 +65,15 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         max_delete: Option<usize>,
     },
+    /// Re-read every replica file and check it against the hash recorded when it was written
+    /// (bit rot, edits that kept size and mtime). Exit code 3 if any differs.
+    Verify {
+        #[command(flatten)]
+        common: Common,
+        /// Copy the files that differ again from SRC.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -94,7 +103,8 @@ impl Command {
         match self {
             Command::Sync { common, .. }
             | Command::Status { common, .. }
-            | Command::Watch { common, .. } => common,
+            | Command::Watch { common, .. }
+            | Command::Verify { common, .. } => common,
         }
     }
 }
@@ -129,7 +139,7 @@ pub fn config(cmd: &Command) -> Result<Config> {
             max_delete,
             ..
         } => (false, *allow_empty_source, *max_delete, *interval),
-        Command::Status { .. } => (false, false, None, Duration::ZERO),
+        Command::Status { .. } | Command::Verify { .. } => (false, false, None, Duration::ZERO),
     };
     Ok(Config {
         roots,

@@ -82,6 +82,33 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             finish_pass(&cfg, &report, quiet, verbose);
             Ok(exit_for(&report))
         }
+        Command::Verify { repair, .. } => {
+            let mut session = Session::open(&cfg)?;
+            let v = session.verify(*repair, &STOP)?;
+            for e in &v.scan_errors {
+                eprintln!("dirsync: error: {e}");
+            }
+            for p in &v.mismatched {
+                println!("{} {p}", if *repair { "repaired" } else { "corrupt" });
+            }
+            if !quiet {
+                eprintln!(
+                    "verified {} files ({}): {} differ from the index, {} not recorded yet",
+                    v.files_checked,
+                    sync::human_bytes(v.bytes_checked),
+                    v.mismatched.len(),
+                    v.unrecorded.len()
+                );
+            }
+            let repaired = v.repair.as_ref().is_some_and(|r| r.error_count() == 0);
+            Ok(
+                if !v.scan_errors.is_empty() || (!v.mismatched.is_empty() && !repaired) {
+                    ExitCode::Partial
+                } else {
+                    ExitCode::Success
+                },
+            )
+        }
         Command::Watch { .. } => {
             let failed =
                 dirsync::watch::watch(&cfg, &STOP, |r| finish_pass(&cfg, r, quiet, verbose))?;
@@ -139,11 +166,11 @@ fn finish_pass(cfg: &Config, report: &Report, quiet: bool, verbose: bool) {
         eprintln!("dirsync: interrupted; what was done is recorded, run again to finish");
     }
     if !quiet {
-        eprintln!(
-            "synced {} -> {}: {}",
-            cfg.roots.source.display(),
-            cfg.roots.replica.display(),
-            report.summary()
-        );
+        eprintln!("{}", report.summary());
     }
+    log::info!(
+        "{} -> {}",
+        cfg.roots.source.display(),
+        cfg.roots.replica.display()
+    );
 }

@@ -68,6 +68,6 @@ impl OpLog {
     }
 
     pub fn summary(&mut self, text: &str) {
-        self.line(&format!("summary {text}"));
+        self.line(text);
     }
 }

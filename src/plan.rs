@@ -266,8 +266,18 @@ impl<'a> Planner<'a> {
         needed.retain(|(p, ..)| !under_any(&covered, p) && !covered.contains(*p));
 
         // File moves: a needed file whose hash a vanishing file has.
+        // A file with other hard links in the replica is never moved: renaming one link onto
+        // another of the same inode succeeds without doing anything (POSIX rename).
+        let linked: HashSet<&RelPath> = self
+            .dst
+            .iter()
+            .filter_map(|(_, e)| e.link.as_ref())
+            .collect();
         let mut file_pool: HashMap<Hash, VecDeque<&RelPath>> = HashMap::new();
         for (path, e) in &released {
+            if e.link.is_some() || linked.contains(path) {
+                continue;
+            }
             if let (Kind::File, Some(h)) = (e.kind(), e.file_hash()) {
                 file_pool.entry(h).or_default().push_back(path);
             }
@@ -878,6 +888,22 @@ mod tests {
         let changes = diff(&src, &dst, false, &|_| false);
         let plan = plan(&changes, &src, &dst, false);
         assert_eq!(lines(&plan), ["D a", "A b"]);
+    }
+
+    #[test]
+    fn hard_linked_replica_files_are_not_move_sources() {
+        // In the replica, b is a second link to a's inode; in the source they differ.
+        let mut b = file("Y", 1);
+        b.link = Some(p("a"));
+        let dst = tree(vec![("a", file("Y", 1)), ("b", b)]);
+        let src = tree(vec![("a", file("X", 1)), ("b", file("Y", 1))]);
+        let plan = check(&src, &dst);
+        assert_eq!(
+            count(&plan, |o| matches!(o, Op::Stage { .. })),
+            0,
+            "{:?}",
+            plan.ops
+        );
     }
 
     #[test]

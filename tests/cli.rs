@@ -138,8 +138,6 @@ fn second_sync_is_a_noop() {
     let ctimes_before = ctimes(&fx.dst);
     sleep(TICK);
     let second = fx.sync().code(0);
-    let summary = parse_summary(&stderr_of(&second));
-    assert_eq!(summary, Summary::default(), "second sync should do nothing");
     assert_unchanged(&before, &snapshot(&fx.dst), "a no-op sync");
     assert_eq!(
         ctimes_before,
@@ -147,6 +145,8 @@ fn second_sync_is_a_noop() {
         "a no-op sync wrote to DST (ctimes changed)"
     );
     fx.assert_up_to_date();
+    let summary = parse_summary(&stderr_of(&second));
+    assert_eq!(summary, Summary::default(), "second sync should do nothing");
 }
 
 #[test]
@@ -1303,14 +1303,15 @@ fn second_sync_fails_fast_while_a_watch_holds_the_lock() {
 
     fx.assert_up_to_date();
 
-    watch.signal(Signal::TERM);
+    // Ctrl-C stops it cleanly too.
+    watch.signal(Signal::INT);
     let st = watch
         .wait_timeout(Duration::from_secs(10))
-        .expect("watch stops on SIGTERM");
+        .expect("watch stops on SIGINT");
     assert_eq!(
         st.code(),
         Some(0),
-        "watch after SIGTERM: {st}; stderr: {}",
+        "watch after SIGINT: {st}; stderr: {}",
         watch.stderr()
     );
 }
@@ -1388,55 +1389,191 @@ fn watch_replicates_changes_and_stops_cleanly_on_sigterm() {
     );
 }
 
-#[test]
-fn kill_9_in_the_middle_of_a_large_sync_then_resync_recovers() {
-    let fx = Fixture::default();
-    for i in 0..3000u64 {
+/// `n_small` files of 0-64 KiB in 30 directories plus `n_big` files of 20 MiB.
+fn make_large_tree(src: &Path, n_small: u64, n_big: u64) {
+    for i in 0..n_small {
         let len = (i as usize * 7919) % (64 * 1024 + 1);
         write(
-            &fx.src.join(format!("d{:02}/f{i:04}.bin", i % 30)),
+            &src.join(format!("d{:02}/f{i:04}.bin", i % 30)),
             bytes(i, len),
         );
     }
-    // Big files: a random 64 KiB block, stamped per block so all blocks differ.
+    // A random 64 KiB block, stamped per block so that all blocks and files differ.
     let block = bytes(99_999, 64 * 1024);
-    for f in 0..3u64 {
+    for f in 0..n_big {
         let mut data = Vec::with_capacity(20 << 20);
         for b in 0..320u64 {
             let mut chunk = block.clone();
             chunk[..16].copy_from_slice(&[f.to_le_bytes(), b.to_le_bytes()].concat());
             data.extend_from_slice(&chunk);
         }
-        write(&fx.src.join(format!("big/huge{f}.bin")), data);
+        write(&src.join(format!("big/huge{f}.bin")), data);
     }
+}
 
+/// Starts `sync` in the background, waits until DST holds at least `entries` entries, then
+/// sends `sig`. Returns the exit status and whether the run was still going when signalled.
+fn interrupt_sync(fx: &Fixture, entries: usize, sig: Signal) -> (std::process::ExitStatus, bool) {
     let mut cmd = fx.std_cmd();
     cmd.arg("sync").arg(&fx.src).arg(&fx.dst);
     let mut sync = Background::spawn(cmd, &fx.root.join("sync.stderr"));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while sync.try_status().is_none() && count_entries(&fx.dst) < 200 && Instant::now() < deadline {
+    while sync.try_status().is_none()
+        && count_entries(&fx.dst) < entries
+        && Instant::now() < deadline
+    {
         sleep(Duration::from_millis(2));
     }
     let interrupted = sync.try_status().is_none();
-    sync.signal(Signal::KILL);
-    sync.wait_timeout(Duration::from_secs(10))
-        .expect("killed sync is reaped");
+    sync.signal(sig);
+    let status = sync
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("sync did not stop after {sig:?}; stderr: {}", sync.stderr()));
     if !interrupted {
-        eprintln!("note: the sync finished before it could be killed");
+        eprintln!("note: the sync finished before it could be interrupted");
     }
+    (status, interrupted)
+}
 
-    fx.sync().code(0);
-    assert_mirror(&fx.src, &fx.dst);
-    let leftovers: Vec<String> = snapshot(&fx.dst)
+fn temp_leftovers(dst: &Path) -> Vec<String> {
+    snapshot(dst)
         .keys()
         .filter(|k| k.windows(12).any(|w| w == b".dirsync-tmp"))
         .map(|k| show(k))
-        .collect();
+        .collect()
+}
+
+#[test]
+fn kill_9_in_the_middle_of_a_large_sync_then_resync_recovers() {
+    let fx = Fixture::default();
+    make_large_tree(&fx.src, 3000, 3);
+
+    // Killed twice: once early, once while resuming from the first crash.
+    interrupt_sync(&fx, 200, Signal::KILL);
+    let reached = count_entries(&fx.dst);
+    interrupt_sync(&fx, reached + 800, Signal::KILL);
+
+    fx.sync().code(0);
+    let leftovers = temp_leftovers(&fx.dst);
     assert!(
         leftovers.is_empty(),
         "temporary files left in DST: {leftovers:?}"
     );
+    assert_mirror(&fx.src, &fx.dst);
     fx.assert_up_to_date();
+}
+
+#[test]
+fn sigterm_stops_a_sync_cleanly_with_exit_0() {
+    let fx = Fixture::default();
+    make_large_tree(&fx.src, 1500, 2);
+    let (status, _) = interrupt_sync(&fx, 200, Signal::TERM);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a sync stopped by SIGTERM: {status}"
+    );
+    let leftovers = temp_leftovers(&fx.dst);
+    assert!(
+        leftovers.is_empty(),
+        "a cleanly stopped sync left temporary files: {leftovers:?}"
+    );
+    fx.sync().code(0);
+    assert_mirror(&fx.src, &fx.dst);
+    fx.assert_up_to_date();
+}
+
+#[test]
+fn damaged_index_is_fatal_and_reindex_recovers() {
+    let fx = Fixture::default();
+    make_tree(&fx.src, 20);
+    fx.sync().code(0);
+    let index_files: Vec<PathBuf> = fx
+        .state_contents()
+        .into_keys()
+        .map(|k| fx.state.join(bytes_path(&k)))
+        .collect();
+    assert!(!index_files.is_empty(), "no index under XDG_STATE_HOME");
+    for f in &index_files {
+        fs::write(f, bytes(5, 8192)).unwrap();
+    }
+    write(&fx.src.join("new.txt"), "new\n");
+    let before = snapshot(&fx.dst);
+    let a = fx.sync().code(1);
+    assert!(
+        !stderr_of(&a).is_empty(),
+        "a damaged index should be reported"
+    );
+    assert_unchanged(&before, &snapshot(&fx.dst), "a sync with a damaged index");
+
+    fx.run("sync", &["--reindex"]).code(0);
+    assert_mirror(&fx.src, &fx.dst);
+    fx.assert_up_to_date();
+}
+
+#[test]
+fn index_is_keyed_by_canonical_replica_path() {
+    let fx = Fixture::default();
+    make_tree(&fx.src, 10);
+    fx.sync().code(0);
+    let files_after_first = fx.state_contents().len();
+    let link = fx.root.join("dst-link");
+    symlink(&fx.dst, &link);
+    let before = snapshot(&fx.dst);
+    fx.cmd()
+        .arg("sync")
+        .arg(&fx.src)
+        .arg(&link)
+        .assert()
+        .code(0);
+    assert_unchanged(
+        &before,
+        &snapshot(&fx.dst),
+        "a sync through a symlink to the replica",
+    );
+    assert_eq!(
+        fx.state_contents().len(),
+        files_after_first,
+        "the same replica reached through a symlink got a second index"
+    );
+    assert_mirror(&fx.src, &fx.dst);
+    assert!(
+        fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+
+    let dst2 = fx.root.join("dst2");
+    fx.cmd()
+        .arg("sync")
+        .arg(&fx.src)
+        .arg(&dst2)
+        .assert()
+        .code(0);
+    assert_mirror(&fx.src, &dst2);
+    assert!(
+        fx.state_contents().len() > files_after_first,
+        "a second replica should get its own index file"
+    );
+}
+
+#[test]
+fn relative_paths_are_resolved_against_the_working_directory() {
+    let fx = Fixture::default();
+    make_tree(&fx.src, 10);
+    fx.cmd()
+        .current_dir(&fx.root)
+        .args(["sync", "src", "dst"])
+        .assert()
+        .code(0);
+    assert_mirror(&fx.src, &fx.dst);
+    fx.cmd()
+        .current_dir(fx.src.join("d1"))
+        .args(["status", "..", "../../dst/"])
+        .assert()
+        .code(0)
+        .stdout("");
 }
 
 // =============================================================================================
