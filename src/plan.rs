@@ -390,8 +390,9 @@ impl<'a> Planner<'a> {
         let mut removals: Vec<(&RelPath, Kind)> = released
             .iter()
             .filter(|(p, e)| {
-                !move_sources.contains(*p)
-                    && !(self.src_kind(p) == Some(e.kind()) && e.kind() != Kind::Dir)
+                // Files and symlinks of unchanged kind are replaced in place, not removed.
+                let in_place = self.src_kind(p) == Some(e.kind()) && e.kind() != Kind::Dir;
+                !move_sources.contains(*p) && !in_place
             })
             .map(|(p, e)| (*p, e.kind()))
             .collect();
@@ -670,15 +671,18 @@ mod tests {
         let changes = diff(src, dst, false, &|_| false);
         let plan = plan(&changes, src, dst, false);
         let out = simulate(&plan, dst);
-        let want: BTreeMap<RelPath, (Kind, Option<Hash>, Option<Vec<u8>>, u32, i64)> =
+        let want: BTreeMap<RelPath, Shape> =
             src.iter().map(|(p, e)| (p.clone(), shape(e))).collect();
-        let got: BTreeMap<RelPath, (Kind, Option<Hash>, Option<Vec<u8>>, u32, i64)> =
+        let got: BTreeMap<RelPath, Shape> =
             out.iter().map(|(p, e)| (p.clone(), shape(e))).collect();
         assert_eq!(got, want, "plan: {:#?}", plan.ops);
         plan
     }
 
-    fn shape(e: &Entry) -> (Kind, Option<Hash>, Option<Vec<u8>>, u32, i64) {
+    /// What must match between source and result: kind, content, mode, mtime.
+    type Shape = (Kind, Option<Hash>, Option<Vec<u8>>, u32, i64);
+
+    fn shape(e: &Entry) -> Shape {
         let target = match &e.content {
             Content::Symlink { target } => Some(target.clone()),
             _ => None,

@@ -215,7 +215,7 @@ fn fill_links(entries: &mut [(RelPath, Entry)]) {
 /// Hashes the files at `which` (indexes into `tree.entries`) in parallel. A file that vanished
 /// is dropped from the tree; one that cannot be read becomes unknown.
 pub fn hash_files(root: &Path, tree: &mut Tree, which: &[usize]) {
-    let results: Vec<(usize, io::Result<Option<(Entry, u64)>>)> = which
+    let results: Vec<(usize, HashResult)> = which
         .par_iter()
         .map(|&i| {
             let (path, e) = &tree.entries[i];
@@ -257,9 +257,12 @@ pub fn hash_files(root: &Path, tree: &mut Tree, which: &[usize]) {
     }
 }
 
+/// A file's entry with its hash and the bytes read, or `None` if it vanished.
+type HashResult = io::Result<Option<(Entry, u64)>>;
+
 /// Reads one file and returns its entry with the hash filled in, or `None` if it vanished or
 /// stopped being a regular file.
-fn hash_one(path: &Path, old: &Entry) -> io::Result<Option<(Entry, u64)>> {
+fn hash_one(path: &Path, old: &Entry) -> HashResult {
     let file = match open_nofollow(path) {
         Ok(f) => f,
         Err(e) if vanished(&e) => return Ok(None),

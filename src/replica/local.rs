@@ -71,15 +71,15 @@ pub fn fingerprint_of(st: &rfs::Stat) -> Fingerprint {
     Fingerprint {
         size: if is_dir { 0 } else { st.st_size as u64 },
         mtime: Time {
-            sec: st.st_mtime as i64,
+            sec: st.st_mtime,
             nsec: st.st_mtime_nsec as u32,
         },
         ctime: Time {
-            sec: st.st_ctime as i64,
+            sec: st.st_ctime,
             nsec: st.st_ctime_nsec as u32,
         },
-        ino: st.st_ino as u64,
-        dev: st.st_dev as u64,
+        ino: st.st_ino,
+        dev: st.st_dev,
     }
 }
 
