@@ -265,6 +265,12 @@ impl Ctx<'_> {
     }
 }
 
+/// Test hook: `DIRSYNC_FAULT_KILL_AFTER=N` kills the process with SIGKILL right after the N-th
+/// applied operation, before its record is committed, as a crash or `kill -9` would.
+fn fault_kill_after() -> Option<u64> {
+    std::env::var("DIRSYNC_FAULT_KILL_AFTER").ok()?.parse().ok()
+}
+
 /// Applies `plan` to `replica`, reading new content from `source`.
 pub fn apply(
     plan: &Plan,
@@ -275,6 +281,7 @@ pub fn apply(
     stop: &AtomicBool,
 ) -> Result<Outcome> {
     let ctx = Ctx { replica, source };
+    let kill_after = fault_kill_after();
     let mut out = Outcome::default();
     let ops = &plan.ops;
     let mut i = 0;
@@ -303,6 +310,12 @@ pub fn apply(
             match res {
                 Ok((updates, bytes)) => {
                     out.ops_done += 1;
+                    if kill_after == Some(out.ops_done) {
+                        let _ = rustix::process::kill_process(
+                            rustix::process::getpid(),
+                            rustix::process::Signal::KILL,
+                        );
+                    }
                     out.bytes_written += bytes;
                     log.op(op);
                     for u in updates {

@@ -88,6 +88,7 @@ fn scan_both(
     dst_cache: &[(RelPath, Entry)],
 ) -> Scanned {
     let roots = &cfg.roots;
+    let t = Instant::now();
     let (mut src, mut dst) = std::thread::scope(|s| {
         let d = s.spawn(|| {
             if roots.replica.exists() {
@@ -114,12 +115,15 @@ fn scan_both(
             .filter(|&i| other.contains(&t.entries[i].1.size()))
             .collect()
     };
+    log::debug!("walked both trees in {:?}", t.elapsed());
     let src_need = need(&src, &dst_sizes);
     let dst_need = need(&dst, &src_sizes);
     scan::hash_files(&roots.source, &mut src, &src_need);
     scan::hash_files(&roots.replica, &mut dst, &dst_need);
+    log::debug!("hashed in {:?}", t.elapsed());
     fill_tree_hashes(&mut src.entries, cfg.owners);
     fill_tree_hashes(&mut dst.entries, cfg.owners);
+    log::debug!("tree hashes in {:?}", t.elapsed());
     Scanned { src, dst }
 }
 
@@ -197,8 +201,11 @@ impl Session {
         }
         let src_cache = self.index.load(Table::Source)?;
         let dst_cache = self.index.load(Table::Replica)?;
+        log::debug!("index loaded in {:?}", start.elapsed());
         let s = scan_both(cfg, &src_cache, &dst_cache);
+        log::debug!("scanned in {:?}", start.elapsed());
         let plan = make_plan(cfg, &s);
+        log::debug!("planned in {:?}", start.elapsed());
         guard_rails(cfg, &s, &plan)?;
 
         let mut rec = Recorder::new(Some(&self.index));
@@ -209,6 +216,7 @@ impl Session {
             rec.push(u)?;
         }
         drop((src_cache, dst_cache));
+        log::debug!("scan recorded in {:?}", start.elapsed());
         let replica =
             LocalReplica::open(replica_root, cfg.owners).map_err(|e| Error::io(replica_root, e))?;
         let outcome = apply(

@@ -1412,8 +1412,8 @@ fn make_large_tree(src: &Path, n_small: u64, n_big: u64) {
 }
 
 /// Starts `sync` in the background, waits until DST holds at least `entries` entries, then
-/// sends `sig`. Returns the exit status and whether the run was still going when signalled.
-fn interrupt_sync(fx: &Fixture, entries: usize, sig: Signal) -> (std::process::ExitStatus, bool) {
+/// sends `sig` and returns the exit status.
+fn interrupt_sync(fx: &Fixture, entries: usize, sig: Signal) -> std::process::ExitStatus {
     let mut cmd = fx.std_cmd();
     cmd.arg("sync").arg(&fx.src).arg(&fx.dst);
     let mut sync = Background::spawn(cmd, &fx.root.join("sync.stderr"));
@@ -1432,7 +1432,7 @@ fn interrupt_sync(fx: &Fixture, entries: usize, sig: Signal) -> (std::process::E
     if !interrupted {
         eprintln!("note: the sync finished before it could be interrupted");
     }
-    (status, interrupted)
+    status
 }
 
 fn temp_leftovers(dst: &Path) -> Vec<String> {
@@ -1467,7 +1467,7 @@ fn kill_9_in_the_middle_of_a_large_sync_then_resync_recovers() {
 fn sigterm_stops_a_sync_cleanly_with_exit_0() {
     let fx = Fixture::default();
     make_large_tree(&fx.src, 1500, 2);
-    let (status, _) = interrupt_sync(&fx, 200, Signal::TERM);
+    let status = interrupt_sync(&fx, 200, Signal::TERM);
     assert_eq!(
         status.code(),
         Some(0),
@@ -1478,6 +1478,52 @@ fn sigterm_stops_a_sync_cleanly_with_exit_0() {
         leftovers.is_empty(),
         "a cleanly stopped sync left temporary files: {leftovers:?}"
     );
+    fx.sync().code(0);
+    assert_mirror(&fx.src, &fx.dst);
+    fx.assert_up_to_date();
+}
+
+#[test]
+fn failed_paths_give_exit_3_and_are_named_on_stderr() {
+    let fx = Fixture::default();
+    make_tree(&fx.src, 20);
+    write(&fx.src.join("locked/old.txt"), "old\n");
+    fx.sync().code(0);
+
+    write(&fx.src.join("locked/new.txt"), "cannot be created\n");
+    write(&fx.src.join("d1/fine.txt"), "can be created\n");
+    write(&fx.src.join("f0004.dat"), "modified\n");
+    let Some(guard) = Immutable::set(&fx.dst.join("locked")) else {
+        eprintln!("note: the filesystem has no immutable attribute; test skipped");
+        return;
+    };
+    let a = fx.sync().code(3);
+    let err = stderr_of(&a);
+    assert!(
+        err.contains("locked/new.txt"),
+        "the failed path should be reported on stderr, got: {err:?}"
+    );
+    let outside = |snap: Snapshot| -> Snapshot {
+        snap.into_iter()
+            .filter(|(k, _)| !k.starts_with(b"locked"))
+            .collect()
+    };
+    assert_snapshots_mirror(
+        &outside(snapshot(&fx.src)),
+        &outside(snapshot(&fx.dst)),
+        "everything but the failed path should be mirrored",
+    );
+    let leftovers = temp_leftovers(&fx.dst);
+    assert!(
+        leftovers.is_empty(),
+        "temporary files left in DST: {leftovers:?}"
+    );
+    assert!(
+        parse_summary(&err).errors >= 1,
+        "the summary should count the error"
+    );
+
+    drop(guard);
     fx.sync().code(0);
     assert_mirror(&fx.src, &fx.dst);
     fx.assert_up_to_date();

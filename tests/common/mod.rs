@@ -662,6 +662,30 @@ impl Drop for Background {
     }
 }
 
+/// Sets the immutable attribute (`chattr +i`) on a directory for as long as it lives, so that
+/// nothing can be created, removed or renamed inside it, even by root.
+pub struct Immutable(PathBuf);
+
+impl Immutable {
+    /// `None` when the filesystem does not support the attribute.
+    pub fn set(dir: &Path) -> Option<Self> {
+        let fd = fs::File::open(dir).ok()?;
+        let flags = rustix::fs::ioctl_getflags(&fd).ok()?;
+        rustix::fs::ioctl_setflags(&fd, flags | rustix::fs::IFlags::IMMUTABLE).ok()?;
+        Some(Immutable(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        if let Ok(fd) = fs::File::open(&self.0)
+            && let Ok(flags) = rustix::fs::ioctl_getflags(&fd)
+        {
+            let _ = rustix::fs::ioctl_setflags(&fd, flags - rustix::fs::IFlags::IMMUTABLE);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Output parsing
 // ---------------------------------------------------------------------------------------------
