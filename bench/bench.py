@@ -582,7 +582,7 @@ class Bench:
         self.rows: list[Row] = []
         self.notes: list[str] = []
         self.datasets: dict[str, dict] = {}
-        self.src_manifest_cache: dict[str, tuple[dict, dict]] = {}
+        self.src_manifest_cache: dict[str, dict] = {}
         self.tools: dict[str, str] = {}      # tool -> executable
         self.runner: Runner | None = None
         self.failed = False

@@ -165,6 +165,11 @@ impl RelPath {
         }
     }
 
+    /// The last component as an `OsStr`.
+    pub fn name_os(&self) -> &OsStr {
+        OsStr::from_bytes(self.name())
+    }
+
     pub fn as_os_str(&self) -> &OsStr {
         OsStr::from_bytes(&self.0)
     }

@@ -116,29 +116,112 @@ impl TreeHasher {
 
 /// Fills in the tree hash of every directory of a canonically sorted tree, bottom-up.
 pub fn fill_tree_hashes(entries: &mut [(RelPath, Entry)], owners: bool) {
-    // Children lists in canonical order, by index of the parent directory.
-    let mut dir_index: std::collections::HashMap<&[u8], usize> = Default::default();
-    let mut children: Vec<Vec<usize>> = vec![Vec::new(); entries.len()];
-    for (i, (path, e)) in entries.iter().enumerate() {
-        if let Some(parent) = path.parent()
-            && let Some(&pi) = dir_index.get(parent.as_bytes())
-        {
-            children[pi].push(i);
-        }
-        if e.is_dir() {
-            dir_index.insert(path.as_bytes(), i);
+    const NONE: u32 = u32::MAX;
+    // Parent of each entry, found by binary search: parents sort before their children.
+    let parent: Vec<u32> = entries
+        .iter()
+        .map(|(path, _)| {
+            let bytes = path.as_bytes();
+            if bytes.is_empty() {
+                return NONE;
+            }
+            let up = bytes
+                .iter()
+                .rposition(|&b| b == b'/')
+                .map_or(&[][..], |i| &bytes[..i]);
+            entries
+                .binary_search_by(|(p, _)| p.as_bytes().cmp(up))
+                .map_or(NONE, |i| i as u32)
+        })
+        .collect();
+    // Children of each entry in canonical order, as one flat array (CSR layout).
+    let mut start = vec![0u32; entries.len() + 1];
+    for &p in &parent {
+        if p != NONE {
+            start[p as usize + 1] += 1;
         }
     }
-    drop(dir_index);
+    for i in 0..entries.len() {
+        start[i + 1] += start[i];
+    }
+    let mut fill = start.clone();
+    let mut children = vec![0u32; start[entries.len()] as usize];
+    for (i, &p) in parent.iter().enumerate() {
+        if p != NONE {
+            children[fill[p as usize] as usize] = i as u32;
+            fill[p as usize] += 1;
+        }
+    }
     // Descendants sort after their ancestors, so a reverse pass sees children first.
     for i in (0..entries.len()).rev() {
         if !entries[i].1.is_dir() {
             continue;
         }
         let mut th = TreeHasher::new(owners);
-        for &c in &children[i] {
-            th.add(entries[c].0.name(), &entries[c].1);
+        for &c in &children[start[i] as usize..start[i + 1] as usize] {
+            let (path, e) = &entries[c as usize];
+            th.add(path.name(), e);
         }
         entries[i].1.content = Content::Dir { tree: th.finish() };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diff::tests::{dir, file, tree};
+
+    fn root_hash(t: &[(RelPath, Entry)]) -> Option<Hash> {
+        match t[0].1.content {
+            Content::Dir { tree } => tree,
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn tree_hash_covers_every_level_and_ignores_other_subtrees_order() {
+        let a = tree(vec![
+            ("d", dir()),
+            ("d/e", dir()),
+            ("d/e/f", file("1", 1)),
+            ("d.x", file("2", 1)),
+        ]);
+        let b = tree(vec![
+            ("d", dir()),
+            ("d/e", dir()),
+            ("d/e/f", file("1", 2)),
+            ("d.x", file("2", 1)),
+        ]);
+        let c = tree(vec![
+            ("d", dir()),
+            ("d/e", dir()),
+            ("d/e/g", file("1", 1)),
+            ("d.x", file("2", 1)),
+        ]);
+        assert!(root_hash(&a).is_some());
+        assert_ne!(root_hash(&a), root_hash(&b), "a deep mtime counts");
+        assert_ne!(root_hash(&a), root_hash(&c), "a deep name counts");
+        assert_eq!(root_hash(&a), root_hash(&a.clone()));
+    }
+
+    #[test]
+    fn unknown_content_makes_the_tree_hash_unknown() {
+        let mut f = file("1", 1);
+        f.content = Content::File {
+            size: 1,
+            hash: None,
+        };
+        let t = tree(vec![("d", dir()), ("d/f", f)]);
+        assert_eq!(root_hash(&t), None);
+    }
+
+    #[test]
+    fn copy_hashing_hashes_what_it_copies() {
+        let data = vec![7u8; BUF_SIZE * 2 + 3];
+        let mut out = Vec::new();
+        let (h, n) = copy_hashing(&mut &data[..], &mut out).unwrap();
+        assert_eq!(n as usize, data.len());
+        assert_eq!(out, data);
+        assert_eq!(h, *blake3::hash(&data).as_bytes());
     }
 }

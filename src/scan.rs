@@ -10,14 +10,15 @@
 //! - A path that could not be read is listed in [`Tree::unknown`]: nothing at or below it may be
 //!   deleted or replaced on the strength of this scan.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, Metadata};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 
 use crate::entry::{Content, Entry, Fingerprint, Meta, RelPath, Time};
 use crate::hash;
@@ -79,97 +80,131 @@ impl Tree {
 /// Stats every node below `root` without reading file contents, reusing hashes from `cache`
 /// (canonically sorted, as recorded in the index) where they are still valid.
 pub fn walk(root: &Path, side: Side, cache: &[(RelPath, Entry)]) -> Tree {
-    let mut tree = Tree::default();
-    let walker = walkdir::WalkDir::new(root)
-        .follow_links(false)
-        .follow_root_links(true)
-        .same_file_system(false);
-    let seen = Time::now();
-    for item in walker {
-        let dent = match item {
-            Ok(d) => d,
-            Err(err) => {
-                let path = err.path().unwrap_or(root).to_path_buf();
-                let error = err
-                    .into_io_error()
-                    .unwrap_or_else(|| io::Error::other("filesystem loop"));
-                if error.kind() != io::ErrorKind::NotFound {
-                    if let Some(rel) = relative(root, &path) {
-                        tree.unknown.push(rel);
-                    }
-                    tree.problems.push(Problem { path, error });
-                }
-                continue;
-            }
-        };
-        let Some(rel) = relative(root, dent.path()) else {
-            continue;
-        };
-        let md = match dent.metadata() {
-            Ok(md) => md,
-            Err(err) => {
-                let error = err
-                    .into_io_error()
-                    .unwrap_or_else(|| io::Error::other("metadata"));
-                if error.kind() != io::ErrorKind::NotFound {
-                    tree.unknown.push(rel);
-                    tree.problems.push(Problem {
-                        path: dent.path().to_path_buf(),
-                        error,
-                    });
-                }
-                continue;
-            }
-        };
-        let ft = md.file_type();
-        let content = if ft.is_file() {
-            Content::File {
-                size: md.size(),
-                hash: (md.size() == 0).then(hash::empty_hash),
-            }
-        } else if ft.is_dir() {
-            Content::Dir { tree: None }
-        } else if ft.is_symlink() {
-            match std::fs::read_link(dent.path()) {
-                Ok(t) => Content::Symlink {
-                    target: t.as_os_str().as_bytes().to_vec(),
-                },
-                Err(error) => {
-                    if error.kind() != io::ErrorKind::NotFound {
-                        tree.unknown.push(rel);
-                        tree.problems.push(Problem {
-                            path: dent.path().to_path_buf(),
-                            error,
-                        });
-                    }
-                    continue;
-                }
-            }
-        } else if ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device() {
-            if side == Side::Source {
-                tree.specials.push(rel);
-                continue;
-            }
-            Content::Special
-        } else {
-            continue;
-        };
-        if rel.is_root() && !matches!(content, Content::Dir { .. }) {
-            continue;
+    let mut w = Walker {
+        tree: Tree::default(),
+        side,
+        root,
+        seen: Time::now(),
+        multi_linked: HashSet::new(),
+    };
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    match rfs::open(root, flags, Mode::empty()).and_then(|fd| rfs::fstat(&fd).map(|st| (fd, st))) {
+        Ok((fd, st)) => {
+            w.push(RelPath::root(), Content::Dir { tree: None }, &st);
+            w.dir(fd, &RelPath::root());
         }
-        let entry = Entry {
-            content,
-            meta: meta_of(&md),
-            fp: fingerprint(&md),
-            seen,
-            link: None,
-        };
-        tree.entries.push((rel, entry));
+        Err(e) => w.problem(RelPath::root(), io_err(e)),
     }
+    let Walker {
+        mut tree,
+        multi_linked,
+        ..
+    } = w;
     tree.entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     reuse_hashes(&mut tree.entries, cache);
-    fill_links(&mut tree.entries);
+    if !multi_linked.is_empty() {
+        fill_links(&mut tree.entries, &multi_linked);
+    }
     tree
+}
+
+/// A depth-first walk with one open descriptor per level; every `stat` is relative to its
+/// directory's descriptor, so no path is resolved twice and no symlink is followed.
+struct Walker<'a> {
+    tree: Tree,
+    side: Side,
+    root: &'a Path,
+    seen: Time,
+    /// Inodes of files with more than one link.
+    multi_linked: HashSet<(u64, u64)>,
+}
+
+impl Walker<'_> {
+    fn problem(&mut self, rel: RelPath, error: io::Error) {
+        if error.kind() == io::ErrorKind::NotFound {
+            return; // Vanished while we looked: simply not there.
+        }
+        self.tree.problems.push(Problem {
+            path: rel.to_path(self.root),
+            error,
+        });
+        self.tree.unknown.push(rel);
+    }
+
+    fn push(&mut self, rel: RelPath, content: Content, st: &rfs::Stat) {
+        let entry = Entry {
+            content,
+            meta: meta_of_stat(st),
+            fp: fingerprint_of_stat(st),
+            seen: self.seen,
+            link: None,
+        };
+        self.tree.entries.push((rel, entry));
+    }
+
+    fn dir(&mut self, fd: OwnedFd, rel: &RelPath) {
+        let mut dir = match rfs::Dir::new(fd) {
+            Ok(d) => d,
+            Err(e) => return self.problem(rel.clone(), io_err(e)),
+        };
+        let mut subdirs = Vec::new();
+        while let Some(item) = dir.read() {
+            let dent = match item {
+                Ok(d) => d,
+                Err(e) => return self.problem(rel.clone(), io_err(e)),
+            };
+            let name = dent.file_name();
+            let bytes = name.to_bytes();
+            if bytes == b"." || bytes == b".." {
+                continue;
+            }
+            let child = rel.join(bytes);
+            let Ok(dfd) = dir.fd() else { continue };
+            let st = match rfs::statat(dfd, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(e) => {
+                    self.problem(child, io_err(e));
+                    continue;
+                }
+            };
+            match rfs::FileType::from_raw_mode(st.st_mode) {
+                rfs::FileType::RegularFile => {
+                    let size = st.st_size as u64;
+                    if st.st_nlink > 1 {
+                        self.multi_linked.insert((st.st_dev, st.st_ino));
+                    }
+                    let hash = (size == 0).then(hash::empty_hash);
+                    self.push(child, Content::File { size, hash }, &st);
+                }
+                rfs::FileType::Directory => {
+                    self.push(child.clone(), Content::Dir { tree: None }, &st);
+                    subdirs.push(child);
+                }
+                rfs::FileType::Symlink => match rfs::readlinkat(dfd, name, Vec::new()) {
+                    Ok(t) => {
+                        let target = t.into_bytes();
+                        self.push(child, Content::Symlink { target }, &st);
+                    }
+                    Err(e) => self.problem(child, io_err(e)),
+                },
+                _ if self.side == Side::Source => self.tree.specials.push(child),
+                _ => self.push(child, Content::Special, &st),
+            }
+        }
+        // Descend after reading the directory, with only this level's descriptor open.
+        let Ok(dfd) = dir.fd() else { return };
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        for sub in subdirs {
+            match rfs::openat(dfd, sub.name_os(), flags, Mode::empty()) {
+                Ok(fd) => self.dir(fd, &sub),
+                Err(e) => self.problem(sub, io_err(e)),
+            }
+        }
+    }
+}
+
+fn io_err(e: rustix::io::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
 }
 
 /// Copies hashes from `cache` into entries whose fingerprint still matches.
@@ -196,13 +231,12 @@ fn reuse_hashes(entries: &mut [(RelPath, Entry)], cache: &[(RelPath, Entry)]) {
 }
 
 /// Records, for every file with other hard links in the tree, the first of its paths.
-fn fill_links(entries: &mut [(RelPath, Entry)]) {
+fn fill_links(entries: &mut [(RelPath, Entry)], multi: &HashSet<(u64, u64)>) {
     let mut first: HashMap<(u64, u64), RelPath> = HashMap::new();
     for (path, e) in entries.iter_mut() {
-        if !matches!(e.content, Content::File { .. }) {
+        if !matches!(e.content, Content::File { .. }) || !multi.contains(&(e.fp.dev, e.fp.ino)) {
             continue;
         }
-        // nlink is not kept; every file is checked, but only shared inodes are stored.
         match first.get(&(e.fp.dev, e.fp.ino)) {
             Some(leader) => e.link = Some(leader.clone()),
             None => {
@@ -308,6 +342,20 @@ pub fn vanished(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::NotFound) || e.raw_os_error() == Some(40) // ELOOP: now a symlink
 }
 
+fn meta_of_stat(st: &rfs::Stat) -> Meta {
+    Meta {
+        mode: st.st_mode & 0o7777,
+        mtime: Time {
+            sec: st.st_mtime,
+            nsec: st.st_mtime_nsec as u32,
+        },
+        uid: st.st_uid,
+        gid: st.st_gid,
+    }
+}
+
+pub use crate::replica::local::fingerprint_of as fingerprint_of_stat;
+
 pub fn meta_of(md: &Metadata) -> Meta {
     Meta {
         mode: md.mode() & 0o7777,
@@ -334,9 +382,4 @@ pub fn fingerprint(md: &Metadata) -> Fingerprint {
         ino: md.ino(),
         dev: md.dev(),
     }
-}
-
-fn relative(root: &Path, path: &Path) -> Option<RelPath> {
-    let rest = path.strip_prefix(root).ok()?;
-    RelPath::from_bytes(rest.as_os_str().as_bytes()).ok()
 }

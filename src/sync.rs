@@ -82,24 +82,33 @@ struct Scanned {
     dst: Tree,
 }
 
+/// The recorded trees, as loaded from the index.
+type Caches = (Vec<(RelPath, Entry)>, Vec<(RelPath, Entry)>);
+
+/// Loads each side's cache and walks that side, the two sides on two threads.
 fn scan_both(
     cfg: &Config,
-    src_cache: &[(RelPath, Entry)],
-    dst_cache: &[(RelPath, Entry)],
-) -> Scanned {
+    load: &(dyn Fn(Table) -> Result<Vec<(RelPath, Entry)>> + Sync),
+) -> Result<(Scanned, Caches)> {
     let roots = &cfg.roots;
     let t = Instant::now();
-    let (mut src, mut dst) = std::thread::scope(|s| {
-        let d = s.spawn(|| {
-            if roots.replica.exists() {
-                scan::walk(&roots.replica, Side::Replica, dst_cache)
-            } else {
-                Tree::default()
+    let side = |table: Table| -> Result<(Tree, Vec<(RelPath, Entry)>)> {
+        let cache = load(table)?;
+        let tree = match table {
+            Table::Source => scan::walk(&roots.source, Side::Source, &cache),
+            Table::Replica if roots.replica.exists() => {
+                scan::walk(&roots.replica, Side::Replica, &cache)
             }
-        });
-        let src = scan::walk(&roots.source, Side::Source, src_cache);
+            Table::Replica => Tree::default(),
+        };
+        Ok((tree, cache))
+    };
+    let (src, dst) = std::thread::scope(|s| {
+        let d = s.spawn(|| side(Table::Replica));
+        let src = side(Table::Source);
         (src, d.join().expect("replica walk does not panic"))
     });
+    let ((mut src, src_cache), (mut dst, dst_cache)) = (src?, dst?);
     let sizes = |t: &Tree| -> HashSet<u64> {
         t.entries
             .iter()
@@ -121,10 +130,12 @@ fn scan_both(
     scan::hash_files(&roots.source, &mut src, &src_need);
     scan::hash_files(&roots.replica, &mut dst, &dst_need);
     log::debug!("hashed in {:?}", t.elapsed());
-    fill_tree_hashes(&mut src.entries, cfg.owners);
-    fill_tree_hashes(&mut dst.entries, cfg.owners);
+    rayon::join(
+        || fill_tree_hashes(&mut src.entries, cfg.owners),
+        || fill_tree_hashes(&mut dst.entries, cfg.owners),
+    );
     log::debug!("tree hashes in {:?}", t.elapsed());
-    Scanned { src, dst }
+    Ok((Scanned { src, dst }, (src_cache, dst_cache)))
 }
 
 fn make_plan(cfg: &Config, s: &Scanned) -> Plan {
@@ -155,10 +166,7 @@ pub fn status(cfg: &Config) -> Result<Report> {
         replica: &cfg.roots.replica,
     };
     let index = ReadIndex::open(&cfg.index, &roots)?;
-    let src_cache = index.load(Table::Source)?;
-    let dst_cache = index.load(Table::Replica)?;
-    drop(index);
-    let s = scan_both(cfg, &src_cache, &dst_cache);
+    let (s, _) = scan_both(cfg, &|t| index.load(t))?;
     let mut report = Report {
         plan: make_plan(cfg, &s),
         ..Report::default()
@@ -199,10 +207,8 @@ impl Session {
         if !replica_root.exists() {
             std::fs::create_dir_all(replica_root).map_err(|e| Error::io(replica_root, e))?;
         }
-        let src_cache = self.index.load(Table::Source)?;
-        let dst_cache = self.index.load(Table::Replica)?;
-        log::debug!("index loaded in {:?}", start.elapsed());
-        let s = scan_both(cfg, &src_cache, &dst_cache);
+        let index = &self.index;
+        let (s, (src_cache, dst_cache)) = scan_both(cfg, &|t| index.load(t))?;
         log::debug!("scanned in {:?}", start.elapsed());
         let plan = make_plan(cfg, &s);
         log::debug!("planned in {:?}", start.elapsed());
