@@ -283,7 +283,15 @@ impl<'a> Planner<'a> {
             }
         }
         let mut stable: Option<HashMap<Hash, RelPath>> = None;
+        // Files that are in place once the moves are done, by content.
         let mut moved_in: HashMap<Hash, RelPath> = HashMap::new();
+        for (from, to, _) in &moves {
+            for (p, e) in &self.dst[from.descendants_in(self.dst, |x| &x.0)] {
+                if let Some(h) = e.file_hash() {
+                    moved_in.entry(h).or_insert_with(|| p.rebase(from, to));
+                }
+            }
+        }
         let mut copies = Vec::new();
         let mut writes = Vec::new();
         let mut links = Vec::new();
@@ -844,6 +852,22 @@ mod tests {
             ("z", file("F", 1)),
         ]);
         check(&src, &dst);
+    }
+
+    #[test]
+    fn files_moved_with_their_directory_are_copy_sources() {
+        let dst = tree(vec![("d", dir()), ("d/f", file("F", 1))]);
+        let src = tree(vec![
+            ("e", dir()),
+            ("e/f", file("F", 1)),
+            ("z", file("F", 1)),
+        ]);
+        let plan = check(&src, &dst);
+        assert!(
+            lines(&plan).contains(&"C e/f -> z".to_string()),
+            "{:?}",
+            lines(&plan)
+        );
     }
 
     #[test]
