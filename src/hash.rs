@@ -48,10 +48,11 @@ pub fn empty_hash() -> Hash {
     *blake3::hash(b"").as_bytes()
 }
 
-/// Incrementally builds a directory's tree hash from its children, given in canonical order.
-/// Returns `None` when any child's content is unknown.
+/// Builds a directory's tree hash from its children, given in canonical order. The children's
+/// records are serialized into one buffer and hashed once. Returns `None` when any child's
+/// content is unknown.
 pub struct TreeHasher {
-    h: blake3::Hasher,
+    buf: Vec<u8>,
     known: bool,
     owners: bool,
 }
@@ -59,30 +60,36 @@ pub struct TreeHasher {
 impl TreeHasher {
     pub fn new(owners: bool) -> TreeHasher {
         TreeHasher {
-            h: blake3::Hasher::new(),
+            buf: Vec::new(),
             known: true,
             owners,
         }
     }
 
+    /// Starts over for another directory, keeping the buffer.
+    pub fn reset(&mut self) {
+        self.buf.clear();
+        self.known = true;
+    }
+
     pub fn add(&mut self, name: &[u8], e: &Entry) {
-        let h = &mut self.h;
-        h.update(&(name.len() as u64).to_le_bytes());
-        h.update(name);
+        let b = &mut self.buf;
+        b.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        b.extend_from_slice(name);
         let known = match &e.content {
             Content::File { size, hash } => {
-                h.update(b"f");
-                h.update(&size.to_le_bytes());
-                hash.map(|x| h.update(&x)).is_some()
+                b.push(b'f');
+                b.extend_from_slice(&size.to_le_bytes());
+                hash.map(|x| b.extend_from_slice(&x)).is_some()
             }
             Content::Dir { tree } => {
-                h.update(b"d");
-                tree.map(|x| h.update(&x)).is_some()
+                b.push(b'd');
+                tree.map(|x| b.extend_from_slice(&x)).is_some()
             }
             Content::Symlink { target } => {
-                h.update(b"l");
-                h.update(&(target.len() as u64).to_le_bytes());
-                h.update(target);
+                b.push(b'l');
+                b.extend_from_slice(&(target.len() as u64).to_le_bytes());
+                b.extend_from_slice(target);
                 true
             }
             Content::Special => false,
@@ -90,34 +97,37 @@ impl TreeHasher {
         self.known &= known;
         let m = &e.meta;
         if e.kind() != crate::entry::Kind::Symlink {
-            h.update(&m.mode.to_le_bytes());
+            b.extend_from_slice(&m.mode.to_le_bytes());
         }
-        h.update(&m.mtime.sec.to_le_bytes());
-        h.update(&m.mtime.nsec.to_le_bytes());
+        b.extend_from_slice(&m.mtime.sec.to_le_bytes());
+        b.extend_from_slice(&m.mtime.nsec.to_le_bytes());
         if self.owners {
-            h.update(&m.uid.to_le_bytes());
-            h.update(&m.gid.to_le_bytes());
+            b.extend_from_slice(&m.uid.to_le_bytes());
+            b.extend_from_slice(&m.gid.to_le_bytes());
         }
         match &e.link {
             Some(l) => {
-                h.update(&(l.as_bytes().len() as u64 + 1).to_le_bytes());
-                h.update(l.as_bytes());
+                b.extend_from_slice(&(l.as_bytes().len() as u64 + 1).to_le_bytes());
+                b.extend_from_slice(l.as_bytes());
             }
-            None => {
-                h.update(&0u64.to_le_bytes());
-            }
+            None => b.extend_from_slice(&0u64.to_le_bytes()),
         }
     }
 
-    pub fn finish(self) -> Option<Hash> {
-        self.known.then(|| *self.h.finalize().as_bytes())
+    pub fn finish(&self) -> Option<Hash> {
+        self.known.then(|| *blake3::hash(&self.buf).as_bytes())
     }
 }
 
 /// Fills in the tree hash of every directory of a canonically sorted tree, bottom-up.
 pub fn fill_tree_hashes(entries: &mut [(RelPath, Entry)], owners: bool) {
     const NONE: u32 = u32::MAX;
-    // Parent of each entry, found by binary search: parents sort before their children.
+    let dirs: std::collections::HashMap<&[u8], u32> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, e))| e.is_dir())
+        .map(|(i, (p, _))| (p.as_bytes(), i as u32))
+        .collect();
     let parent: Vec<u32> = entries
         .iter()
         .map(|(path, _)| {
@@ -129,11 +139,10 @@ pub fn fill_tree_hashes(entries: &mut [(RelPath, Entry)], owners: bool) {
                 .iter()
                 .rposition(|&b| b == b'/')
                 .map_or(&[][..], |i| &bytes[..i]);
-            entries
-                .binary_search_by(|(p, _)| p.as_bytes().cmp(up))
-                .map_or(NONE, |i| i as u32)
+            dirs.get(up).copied().unwrap_or(NONE)
         })
         .collect();
+    drop(dirs);
     // Children of each entry in canonical order, as one flat array (CSR layout).
     let mut start = vec![0u32; entries.len() + 1];
     for &p in &parent {
@@ -153,11 +162,12 @@ pub fn fill_tree_hashes(entries: &mut [(RelPath, Entry)], owners: bool) {
         }
     }
     // Descendants sort after their ancestors, so a reverse pass sees children first.
+    let mut th = TreeHasher::new(owners);
     for i in (0..entries.len()).rev() {
         if !entries[i].1.is_dir() {
             continue;
         }
-        let mut th = TreeHasher::new(owners);
+        th.reset();
         for &c in &children[start[i] as usize..start[i + 1] as usize] {
             let (path, e) = &entries[c as usize];
             th.add(path.name(), e);

@@ -52,6 +52,8 @@ pub enum Update {
     Put(Table, RelPath, Entry),
     /// Removes a path and everything below it.
     Remove(Table, RelPath),
+    /// Removes the record of exactly this path.
+    Forget(Table, RelPath),
     /// Moves a path and everything below it to a new path, keeping the entries.
     Move(Table, RelPath, RelPath),
 }
@@ -185,6 +187,17 @@ impl Index {
         load_from(&self.path, &tx, table)
     }
 
+    /// See [`merge_from`].
+    pub fn merge(
+        &self,
+        table: Table,
+        entries: &mut [(RelPath, Entry)],
+        matched: &mut dyn FnMut(&mut Entry, Entry) -> bool,
+    ) -> Result<Vec<RelPath>> {
+        let tx = self.db.begin_read().map_err(|e| damaged(&self.path, e))?;
+        merge_from(&self.path, &tx, table, entries, matched)
+    }
+
     /// Applies a batch of updates in one durable transaction.
     pub fn commit(&self, updates: &[Update]) -> Result<()> {
         if updates.is_empty() {
@@ -199,7 +212,10 @@ impl Index {
             let mut dst = tx.open_table(REPLICA).map_err(|e| damaged(p, e))?;
             for u in updates {
                 let table = match u {
-                    Update::Put(t, ..) | Update::Remove(t, ..) | Update::Move(t, ..) => *t,
+                    Update::Put(t, ..)
+                    | Update::Remove(t, ..)
+                    | Update::Forget(t, ..)
+                    | Update::Move(t, ..) => *t,
                 };
                 let tbl = match table {
                     Table::Source => &mut src,
@@ -221,6 +237,9 @@ fn apply_update(
         Update::Put(_, path, entry) => {
             let v = encode(entry);
             tbl.insert(path.as_bytes(), &v[..])?;
+        }
+        Update::Forget(_, path) => {
+            tbl.remove(path.as_bytes())?;
         }
         Update::Remove(_, path) => {
             tbl.remove(path.as_bytes())?;
@@ -298,6 +317,46 @@ fn load_from(path: &Path, tx: &ReadTransaction, table: Table) -> Result<Vec<(Rel
     Ok(out)
 }
 
+/// Streams a recorded table alongside `entries` (both in canonical order), without loading it:
+/// calls `matched` with each entry and the value recorded for the same path, and returns the
+/// recorded paths that `entries` does not have or for which `matched` returned false. Only
+/// matched values are decoded.
+fn merge_from(
+    path: &Path,
+    tx: &ReadTransaction,
+    table: Table,
+    entries: &mut [(RelPath, Entry)],
+    matched: &mut dyn FnMut(&mut Entry, Entry) -> bool,
+) -> Result<Vec<RelPath>> {
+    let tbl = match tx.open_table(table.def()) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(damaged(path, e)),
+    };
+    let mut stale = Vec::new();
+    let mut i = 0;
+    for item in tbl.iter().map_err(|e| damaged(path, e))? {
+        let (k, v) = item.map_err(|e| damaged(path, e))?;
+        let key = k.value();
+        while i < entries.len() && entries[i].0.as_bytes() < key {
+            i += 1;
+        }
+        if i < entries.len() && entries[i].0.as_bytes() == key {
+            let cached: Entry = postcard::from_bytes(v.value())
+                .map_err(|e| damaged(path, format!("entry {}: {e}", entries[i].0)))?;
+            if let Some(l) = &cached.link {
+                RelPath::from_bytes(l.as_bytes()).map_err(|e| damaged(path, e))?;
+            }
+            if !matched(&mut entries[i].1, cached) {
+                stale.push(entries[i].0.clone());
+            }
+        } else {
+            stale.push(RelPath::from_bytes(key).map_err(|e| damaged(path, e))?);
+        }
+    }
+    Ok(stale)
+}
+
 /// A read-only view of an index, for commands that must not write (`status`). A missing index
 /// reads as empty.
 pub struct ReadIndex {
@@ -342,12 +401,18 @@ impl ReadIndex {
         })
     }
 
-    pub fn load(&self, table: Table) -> Result<Vec<(RelPath, Entry)>> {
+    /// See [`merge_from`]; a missing index has nothing recorded.
+    pub fn merge(
+        &self,
+        table: Table,
+        entries: &mut [(RelPath, Entry)],
+        matched: &mut dyn FnMut(&mut Entry, Entry) -> bool,
+    ) -> Result<Vec<RelPath>> {
         match &self.db {
             None => Ok(Vec::new()),
             Some(db) => {
                 let tx = db.begin_read().map_err(|e| damaged(&self.path, e))?;
-                load_from(&self.path, &tx, table)
+                merge_from(&self.path, &tx, table, entries, matched)
             }
         }
     }

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, Metadata};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -77,9 +77,9 @@ impl Tree {
     }
 }
 
-/// Stats every node below `root` without reading file contents, reusing hashes from `cache`
-/// (canonically sorted, as recorded in the index) where they are still valid.
-pub fn walk(root: &Path, side: Side, cache: &[(RelPath, Entry)]) -> Tree {
+/// Stats every node below `root` without reading file contents. Entries come out in canonical
+/// order (no sort needed) with every content hash unknown, except for empty files.
+pub fn walk(root: &Path, side: Side) -> Tree {
     let mut w = Walker {
         tree: Tree::default(),
         side,
@@ -100,12 +100,55 @@ pub fn walk(root: &Path, side: Side, cache: &[(RelPath, Entry)]) -> Tree {
         multi_linked,
         ..
     } = w;
-    tree.entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    reuse_hashes(&mut tree.entries, cache);
+    debug_assert!(tree.entries.windows(2).all(|p| p[0].0 < p[1].0));
     if !multi_linked.is_empty() {
         fill_links(&mut tree.entries, &multi_linked);
     }
     tree
+}
+
+/// Takes the hash from the entry the index recorded for the same path, if it is still valid:
+/// same fingerprint, and not racily clean. Returns whether the record is still worth keeping
+/// (false once the path is no longer a file).
+pub fn reuse_cached(e: &mut Entry, cached: Entry) -> bool {
+    if !matches!(e.content, Content::File { .. }) {
+        return false;
+    }
+    if let (Content::File { hash: h @ None, .. }, Content::File { hash: Some(ch), .. }) =
+        (&mut e.content, &cached.content)
+        && cached.fp == e.fp
+        && !cached.is_racy()
+    {
+        *h = Some(*ch);
+        // Keep the time the hash was taken: that is what decides raciness.
+        e.seen = cached.seen;
+    }
+    true
+}
+
+/// One item of a directory listing. A child sorts by its name; a child directory's subtree
+/// sorts by its name followed by '/', which is where its descendants' full paths sort.
+enum Item {
+    Node(Vec<u8>, rfs::Stat),
+    Subtree(Vec<u8>),
+}
+
+impl Item {
+    fn key(&self) -> (&[u8], bool) {
+        match self {
+            Item::Node(n, _) => (n, false),
+            Item::Subtree(n) => (n, true),
+        }
+    }
+}
+
+/// Compares two listing items as their full paths compare.
+fn item_order(a: &Item, b: &Item) -> std::cmp::Ordering {
+    fn ext(n: &[u8], sub: bool) -> impl Iterator<Item = u8> + '_ {
+        n.iter().copied().chain(sub.then_some(b'/'))
+    }
+    let ((an, asub), (bn, bsub)) = (a.key(), b.key());
+    ext(an, asub).cmp(ext(bn, bsub))
 }
 
 /// A depth-first walk with one open descriptor per level; every `stat` is relative to its
@@ -147,7 +190,7 @@ impl Walker<'_> {
             Ok(d) => d,
             Err(e) => return self.problem(rel.clone(), io_err(e)),
         };
-        let mut subdirs = Vec::new();
+        let mut items = Vec::new();
         while let Some(item) = dir.read() {
             let dent = match item {
                 Ok(d) => d,
@@ -158,76 +201,61 @@ impl Walker<'_> {
             if bytes == b"." || bytes == b".." {
                 continue;
             }
-            let child = rel.join(bytes);
             let Ok(dfd) = dir.fd() else { continue };
-            let st = match rfs::statat(dfd, name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => st,
-                Err(e) => {
-                    self.problem(child, io_err(e));
-                    continue;
-                }
-            };
-            match rfs::FileType::from_raw_mode(st.st_mode) {
-                rfs::FileType::RegularFile => {
-                    let size = st.st_size as u64;
-                    if st.st_nlink > 1 {
-                        self.multi_linked.insert((st.st_dev, st.st_ino));
+            match rfs::statat(dfd, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => {
+                    if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory {
+                        items.push(Item::Subtree(bytes.to_vec()));
                     }
-                    let hash = (size == 0).then(hash::empty_hash);
-                    self.push(child, Content::File { size, hash }, &st);
+                    items.push(Item::Node(bytes.to_vec(), st));
                 }
-                rfs::FileType::Directory => {
-                    self.push(child.clone(), Content::Dir { tree: None }, &st);
-                    subdirs.push(child);
-                }
-                rfs::FileType::Symlink => match rfs::readlinkat(dfd, name, Vec::new()) {
-                    Ok(t) => {
-                        let target = t.into_bytes();
-                        self.push(child, Content::Symlink { target }, &st);
-                    }
-                    Err(e) => self.problem(child, io_err(e)),
-                },
-                _ if self.side == Side::Source => self.tree.specials.push(child),
-                _ => self.push(child, Content::Special, &st),
+                Err(e) => self.problem(rel.join(bytes), io_err(e)),
             }
         }
-        // Descend after reading the directory, with only this level's descriptor open.
+        items.sort_unstable_by(item_order);
         let Ok(dfd) = dir.fd() else { return };
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-        for sub in subdirs {
-            match rfs::openat(dfd, sub.name_os(), flags, Mode::empty()) {
-                Ok(fd) => self.dir(fd, &sub),
-                Err(e) => self.problem(sub, io_err(e)),
+        for item in items {
+            match item {
+                Item::Node(name, st) => self.node(dfd, rel.join(&name), &st),
+                Item::Subtree(name) => {
+                    let flags =
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+                    let sub = rel.join(&name);
+                    match rfs::openat(dfd, sub.name_os(), flags, Mode::empty()) {
+                        Ok(fd) => self.dir(fd, &sub),
+                        Err(e) => self.problem(sub, io_err(e)),
+                    }
+                }
             }
+        }
+    }
+
+    fn node(&mut self, dfd: BorrowedFd, child: RelPath, st: &rfs::Stat) {
+        match rfs::FileType::from_raw_mode(st.st_mode) {
+            rfs::FileType::RegularFile => {
+                let size = st.st_size as u64;
+                if st.st_nlink > 1 {
+                    self.multi_linked.insert((st.st_dev, st.st_ino));
+                }
+                let hash = (size == 0).then(hash::empty_hash);
+                self.push(child, Content::File { size, hash }, st);
+            }
+            rfs::FileType::Directory => self.push(child, Content::Dir { tree: None }, st),
+            rfs::FileType::Symlink => match rfs::readlinkat(dfd, child.name_os(), Vec::new()) {
+                Ok(t) => {
+                    let target = t.into_bytes();
+                    self.push(child, Content::Symlink { target }, st);
+                }
+                Err(e) => self.problem(child, io_err(e)),
+            },
+            _ if self.side == Side::Source => self.tree.specials.push(child),
+            _ => self.push(child, Content::Special, st),
         }
     }
 }
 
 fn io_err(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
-}
-
-/// Copies hashes from `cache` into entries whose fingerprint still matches.
-fn reuse_hashes(entries: &mut [(RelPath, Entry)], cache: &[(RelPath, Entry)]) {
-    let mut c = cache.iter().peekable();
-    for (path, e) in entries.iter_mut() {
-        while c.peek().is_some_and(|(cp, _)| cp < path) {
-            c.next();
-        }
-        let Some((cp, ce)) = c.peek() else { break };
-        if cp != path {
-            continue;
-        }
-        if let (Content::File { hash: h @ None, .. }, Content::File { hash: Some(ch), .. }) =
-            (&mut e.content, &ce.content)
-            && ce.fp == e.fp
-            && !ce.is_racy()
-        {
-            *h = Some(*ch);
-            // Keep the time the hash was taken: that is what decides raciness.
-            e.seen = ce.seen;
-        }
-    }
 }
 
 /// Records, for every file with other hard links in the tree, the first of its paths.
@@ -247,8 +275,10 @@ fn fill_links(entries: &mut [(RelPath, Entry)], multi: &HashSet<(u64, u64)>) {
 }
 
 /// Hashes the files at `which` (indexes into `tree.entries`) in parallel. A file that vanished
-/// is dropped from the tree; one that cannot be read becomes unknown.
-pub fn hash_files(root: &Path, tree: &mut Tree, which: &[usize]) {
+/// is dropped from the tree; one that cannot be read becomes unknown. Returns the entries that
+/// got a hash, for the index.
+pub fn hash_files(root: &Path, tree: &mut Tree, which: &[usize]) -> Vec<(RelPath, Entry)> {
+    let mut fresh = Vec::new();
     let results: Vec<(usize, HashResult)> = which
         .par_iter()
         .map(|&i| {
@@ -262,6 +292,9 @@ pub fn hash_files(root: &Path, tree: &mut Tree, which: &[usize]) {
             Ok(Some((e, n))) => {
                 tree.hashed_files += 1;
                 tree.hashed_bytes += n;
+                if e.file_hash().is_some() {
+                    fresh.push((tree.entries[i].0.clone(), e.clone()));
+                }
                 tree.entries[i].1 = e;
             }
             Ok(None) => drop_idx.push(i),
@@ -289,6 +322,7 @@ pub fn hash_files(root: &Path, tree: &mut Tree, which: &[usize]) {
             keep
         });
     }
+    fresh
 }
 
 /// A file's entry with its hash and the bytes read, or `None` if it vanished.

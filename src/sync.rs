@@ -1,12 +1,12 @@
 //! The commands' engine: scan both trees, diff, plan, and (for `sync`) apply and record.
 //!
 //! Data flow of one pass:
-//! 1. Load the recorded trees from the index (hash caches for both sides).
-//! 2. Walk the source and the replica at the same time, one thread each, stat only.
-//! 3. Hash the files whose hash is not cached and whose size some file on the other side has
+//! 1. Walk the source and the replica at the same time, one thread each, stat only, and stream
+//!    each side's recorded table alongside to reuse hashes whose fingerprint still matches.
+//! 2. Hash the files whose hash is not cached and whose size some file on the other side has
 //!    (no other file can match them; the rest are hashed while they are copied).
-//! 4. Tree hashes, diff, plan; guard rails.
-//! 5. Record what the scans learned, apply the plan, record each finished operation.
+//! 3. Tree hashes, diff, plan; guard rails.
+//! 4. Record what the scans learned, apply the plan, record each finished operation.
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
@@ -82,33 +82,30 @@ struct Scanned {
     dst: Tree,
 }
 
-/// The recorded trees, as loaded from the index.
-type Caches = (Vec<(RelPath, Entry)>, Vec<(RelPath, Entry)>);
+/// Streams one recorded table alongside a walked tree (see `Index::merge`).
+type Merge<'a> = dyn Fn(Table, &mut [(RelPath, Entry)]) -> Result<Vec<RelPath>> + Sync + 'a;
 
-/// Loads each side's cache and walks that side, the two sides on two threads.
-fn scan_both(
-    cfg: &Config,
-    load: &(dyn Fn(Table) -> Result<Vec<(RelPath, Entry)>> + Sync),
-) -> Result<(Scanned, Caches)> {
+/// Walks each side and merges it with its recorded table, the two sides on two threads; then
+/// hashes what must be hashed. Returns the trees and what the index should learn from them.
+fn scan_both(cfg: &Config, merge: &Merge) -> Result<(Scanned, Vec<Update>)> {
     let roots = &cfg.roots;
     let t = Instant::now();
-    let side = |table: Table| -> Result<(Tree, Vec<(RelPath, Entry)>)> {
-        let cache = load(table)?;
-        let tree = match table {
-            Table::Source => scan::walk(&roots.source, Side::Source, &cache),
-            Table::Replica if roots.replica.exists() => {
-                scan::walk(&roots.replica, Side::Replica, &cache)
-            }
+    let side = |table: Table| -> Result<(Tree, Vec<RelPath>)> {
+        let mut tree = match table {
+            Table::Source => scan::walk(&roots.source, Side::Source),
+            Table::Replica if roots.replica.exists() => scan::walk(&roots.replica, Side::Replica),
             Table::Replica => Tree::default(),
         };
-        Ok((tree, cache))
+        let stale = merge(table, &mut tree.entries)?;
+        Ok((tree, stale))
     };
     let (src, dst) = std::thread::scope(|s| {
         let d = s.spawn(|| side(Table::Replica));
         let src = side(Table::Source);
         (src, d.join().expect("replica walk does not panic"))
     });
-    let ((mut src, src_cache), (mut dst, dst_cache)) = (src?, dst?);
+    let ((mut src, src_stale), (mut dst, dst_stale)) = (src?, dst?);
+    log::debug!("walked both trees in {:?}", t.elapsed());
     let sizes = |t: &Tree| -> HashSet<u64> {
         t.entries
             .iter()
@@ -118,24 +115,38 @@ fn scan_both(
             })
             .collect()
     };
-    let (src_sizes, dst_sizes) = (sizes(&src), sizes(&dst));
-    let need = |t: &Tree, other: &HashSet<u64>| -> Vec<usize> {
-        t.unhashed()
+    // Sizes of the other side's files, built only if this side has something to hash.
+    let need = |t: &Tree, other: &Tree| -> Vec<usize> {
+        let mut unhashed = t.unhashed().peekable();
+        if unhashed.peek().is_none() {
+            return Vec::new();
+        }
+        let other = sizes(other);
+        unhashed
             .filter(|&i| other.contains(&t.entries[i].1.size()))
             .collect()
     };
-    log::debug!("walked both trees in {:?}", t.elapsed());
-    let src_need = need(&src, &dst_sizes);
-    let dst_need = need(&dst, &src_sizes);
-    scan::hash_files(&roots.source, &mut src, &src_need);
-    scan::hash_files(&roots.replica, &mut dst, &dst_need);
+    let src_need = need(&src, &dst);
+    let dst_need = need(&dst, &src);
+    let src_fresh = scan::hash_files(&roots.source, &mut src, &src_need);
+    let dst_fresh = scan::hash_files(&roots.replica, &mut dst, &dst_need);
+    let mut learned = Vec::new();
+    for (table, tree, stale, fresh) in [
+        (Table::Source, &src, src_stale, src_fresh),
+        (Table::Replica, &dst, dst_stale, dst_fresh),
+    ] {
+        // Paths below an unreadable directory were not seen, not removed.
+        let stale = stale.into_iter().filter(|p| !tree.is_unknown(p));
+        learned.extend(stale.map(|p| Update::Forget(table, p)));
+        learned.extend(fresh.into_iter().map(|(p, e)| Update::Put(table, p, e)));
+    }
     log::debug!("hashed in {:?}", t.elapsed());
     rayon::join(
         || fill_tree_hashes(&mut src.entries, cfg.owners),
         || fill_tree_hashes(&mut dst.entries, cfg.owners),
     );
     log::debug!("tree hashes in {:?}", t.elapsed());
-    Ok((Scanned { src, dst }, (src_cache, dst_cache)))
+    Ok((Scanned { src, dst }, learned))
 }
 
 fn make_plan(cfg: &Config, s: &Scanned) -> Plan {
@@ -166,7 +177,9 @@ pub fn status(cfg: &Config) -> Result<Report> {
         replica: &cfg.roots.replica,
     };
     let index = ReadIndex::open(&cfg.index, &roots)?;
-    let (s, _) = scan_both(cfg, &|t| index.load(t))?;
+    let (s, _) = scan_both(cfg, &|t, entries| {
+        index.merge(t, entries, &mut scan::reuse_cached)
+    })?;
     let mut report = Report {
         plan: make_plan(cfg, &s),
         ..Report::default()
@@ -208,20 +221,18 @@ impl Session {
             std::fs::create_dir_all(replica_root).map_err(|e| Error::io(replica_root, e))?;
         }
         let index = &self.index;
-        let (s, (src_cache, dst_cache)) = scan_both(cfg, &|t| index.load(t))?;
+        let (s, learned) = scan_both(cfg, &|t, entries| {
+            index.merge(t, entries, &mut scan::reuse_cached)
+        })?;
         log::debug!("scanned in {:?}", start.elapsed());
         let plan = make_plan(cfg, &s);
         log::debug!("planned in {:?}", start.elapsed());
         guard_rails(cfg, &s, &plan)?;
 
         let mut rec = Recorder::new(Some(&self.index));
-        for u in learned(&s.src, &src_cache, Table::Source)
-            .into_iter()
-            .chain(learned(&s.dst, &dst_cache, Table::Replica))
-        {
+        for u in learned {
             rec.push(u)?;
         }
-        drop((src_cache, dst_cache));
         log::debug!("scan recorded in {:?}", start.elapsed());
         let replica =
             LocalReplica::open(replica_root, cfg.owners).map_err(|e| Error::io(replica_root, e))?;
@@ -269,7 +280,7 @@ impl Session {
     pub fn verify(&mut self, repair: bool, stop: &AtomicBool) -> Result<Verified> {
         let root = self.cfg.roots.replica.clone();
         let recorded = self.index.load(Table::Replica)?;
-        let mut tree = scan::walk(&root, Side::Replica, &[]);
+        let mut tree = scan::walk(&root, Side::Replica);
         let all: Vec<usize> = tree.unhashed().collect();
         scan::hash_files(&root, &mut tree, &all);
         let mut out = Verified {
@@ -329,39 +340,4 @@ fn guard_rails(cfg: &Config, s: &Scanned, plan: &Plan) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Index updates for what a scan learned: new hashes, and paths that no longer exist.
-/// Only files are recorded (directories and symlinks are cheaper to stat than to look up).
-fn learned(tree: &Tree, cache: &[(RelPath, Entry)], table: Table) -> Vec<Update> {
-    let mut removes = Vec::new();
-    let mut puts = Vec::new();
-    let mut c = cache.iter().peekable();
-    for (path, e) in &tree.entries {
-        while let Some((cp, _)) = c.peek() {
-            if cp < path {
-                if !tree.is_unknown(cp) {
-                    removes.push(Update::Remove(table, cp.clone()));
-                }
-                c.next();
-            } else {
-                break;
-            }
-        }
-        let cached = c.next_if(|(cp, _)| cp == path).map(|(_, ce)| ce);
-        match (e.file_hash(), cached) {
-            (Some(_), Some(ce)) if ce == e => {}
-            (Some(_), _) => puts.push(Update::Put(table, path.clone(), e.clone())),
-            (None, Some(_)) => removes.push(Update::Remove(table, path.clone())),
-            (None, None) => {}
-        }
-    }
-    for (cp, _) in c {
-        if !tree.is_unknown(cp) {
-            removes.push(Update::Remove(table, cp.clone()));
-        }
-    }
-    // Removals first: `Remove` takes a whole subtree, and a removed file may now be a directory.
-    removes.extend(puts);
-    removes
 }
