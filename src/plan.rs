@@ -282,13 +282,30 @@ impl<'a> Planner<'a> {
                 file_pool.entry(h).or_default().push_back(path);
             }
         }
-        let mut stable: Option<HashMap<Hash, RelPath>> = None;
         // Files that are in place once the moves are done, by content.
         let mut moved_in: HashMap<Hash, RelPath> = HashMap::new();
         for (from, to, _) in &moves {
             for (p, e) in &self.dst[from.descendants_in(self.dst, |x| &x.0)] {
                 if let Some(h) = e.file_hash() {
                     moved_in.entry(h).or_insert_with(|| p.rebase(from, to));
+                }
+            }
+        }
+        let wanted: HashSet<Hash> = needed
+            .iter()
+            .filter(|(_, e, _)| e.link.is_none())
+            .filter_map(|(_, e, _)| e.file_hash())
+            .collect();
+        // Replica files that stay where they are, for the hashes wanted: one pass, and no
+        // entry at all when nothing new has a known hash.
+        let mut stable: HashMap<Hash, RelPath> = HashMap::new();
+        if !wanted.is_empty() {
+            for (p, e) in self.dst {
+                if let Some(h) = e.file_hash()
+                    && wanted.contains(&h)
+                    && !gone.contains(p)
+                {
+                    stable.entry(h).or_insert_with(|| p.clone());
                 }
             }
         }
@@ -315,9 +332,7 @@ impl<'a> Planner<'a> {
                     }
                     let source = match hash {
                         None => Source::Fresh,
-                        Some(h) => {
-                            self.find_source(h, path, &mut file_pool, &mut stable, &gone, &moved_in)
-                        }
+                        Some(h) => self.find_source(h, path, &mut file_pool, &stable, &moved_in),
                     };
                     match source {
                         Source::Move(from) => {
@@ -515,8 +530,7 @@ impl<'a> Planner<'a> {
         h: &Hash,
         path: &RelPath,
         pool: &mut HashMap<Hash, VecDeque<&RelPath>>,
-        stable: &mut Option<HashMap<Hash, RelPath>>,
-        gone: &HashSet<&RelPath>,
+        stable: &HashMap<Hash, RelPath>,
         moved_in: &HashMap<Hash, RelPath>,
     ) -> Source {
         if let Some(q) = pool.get_mut(h)
@@ -525,18 +539,6 @@ impl<'a> Planner<'a> {
             let from = q.remove(k).expect("index is in range");
             return Source::Move(from.clone());
         }
-        // Built on first use: a sync with nothing new to write never pays for it.
-        let stable = stable.get_or_insert_with(|| {
-            let mut m = HashMap::new();
-            for (p, e) in self.dst {
-                if let Some(h) = e.file_hash()
-                    && !gone.contains(p)
-                {
-                    m.entry(h).or_insert_with(|| p.clone());
-                }
-            }
-            m
-        });
         if let Some(from) = stable.get(h).filter(|f| *f != path) {
             return Source::Copy(from.clone(), lookup(self.dst, from).cloned());
         }
