@@ -38,9 +38,37 @@ pub fn copy_hashing(r: &mut dyn Read, w: &mut dyn Write) -> io::Result<(Hash, u6
     })
 }
 
-/// Hashes everything `r` yields.
-pub fn hash_reader(r: &mut dyn Read) -> io::Result<(Hash, u64)> {
-    copy_hashing(r, &mut io::sink())
+/// Files at least this large are hashed on every core.
+pub const PARALLEL_HASH_MIN: u64 = 8 * 1024 * 1024;
+const PARALLEL_BUF: usize = 4 * 1024 * 1024;
+
+/// Hashes everything `r` yields; `size_hint` picks the strategy (a large file is read in big
+/// blocks that BLAKE3 splits across the rayon pool).
+pub fn hash_reader(r: &mut dyn Read, size_hint: u64) -> io::Result<(Hash, u64)> {
+    if size_hint < PARALLEL_HASH_MIN {
+        return copy_hashing(r, &mut io::sink());
+    }
+    let mut buf = vec![0u8; PARALLEL_BUF];
+    let mut hasher = blake3::Hasher::new();
+    let mut n = 0u64;
+    loop {
+        // Fill the whole block, so that each parallel update gets a large input.
+        let mut filled = 0;
+        while filled < buf.len() {
+            match r.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(k) => filled += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        hasher.update_rayon(&buf[..filled]);
+        n += filled as u64;
+    }
+    Ok((*hasher.finalize().as_bytes(), n))
 }
 
 /// The hash of the empty file.
@@ -223,6 +251,18 @@ mod tests {
         };
         let t = tree(vec![("d", dir()), ("d/f", f)]);
         assert_eq!(root_hash(&t), None);
+    }
+
+    #[test]
+    fn parallel_and_serial_hashing_agree() {
+        let data: Vec<u8> = (0..PARALLEL_HASH_MIN as usize + 12345)
+            .map(|i| (i * 7) as u8)
+            .collect();
+        let (a, n) = hash_reader(&mut &data[..], data.len() as u64).unwrap();
+        let (b, _) = hash_reader(&mut &data[..], 0).unwrap();
+        assert_eq!(n as usize, data.len());
+        assert_eq!(a, b);
+        assert_eq!(a, *blake3::hash(&data).as_bytes());
     }
 
     #[test]

@@ -192,8 +192,8 @@ impl Index {
         &self,
         table: Table,
         entries: &mut [(RelPath, Entry)],
-        matched: &mut dyn FnMut(&mut Entry, Entry) -> bool,
-    ) -> Result<Vec<RelPath>> {
+        matched: &mut dyn FnMut(&mut Entry, &Entry) -> bool,
+    ) -> Result<Vec<(RelPath, Entry)>> {
         let tx = self.db.begin_read().map_err(|e| damaged(&self.path, e))?;
         merge_from(&self.path, &tx, table, entries, matched)
     }
@@ -319,15 +319,14 @@ fn load_from(path: &Path, tx: &ReadTransaction, table: Table) -> Result<Vec<(Rel
 
 /// Streams a recorded table alongside `entries` (both in canonical order), without loading it:
 /// calls `matched` with each entry and the value recorded for the same path, and returns the
-/// recorded paths that `entries` does not have or for which `matched` returned false. Only
-/// matched values are decoded.
+/// records (path and value) that `entries` does not have or for which `matched` returned false.
 fn merge_from(
     path: &Path,
     tx: &ReadTransaction,
     table: Table,
     entries: &mut [(RelPath, Entry)],
-    matched: &mut dyn FnMut(&mut Entry, Entry) -> bool,
-) -> Result<Vec<RelPath>> {
+    matched: &mut dyn FnMut(&mut Entry, &Entry) -> bool,
+) -> Result<Vec<(RelPath, Entry)>> {
     let tbl = match tx.open_table(table.def()) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -341,17 +340,18 @@ fn merge_from(
         while i < entries.len() && entries[i].0.as_bytes() < key {
             i += 1;
         }
+        let rel = || RelPath::from_bytes(key).map_err(|e| damaged(path, e));
+        let cached: Entry = postcard::from_bytes(v.value())
+            .map_err(|e| damaged(path, format!("entry {}: {e}", String::from_utf8_lossy(key))))?;
+        if let Some(l) = &cached.link {
+            RelPath::from_bytes(l.as_bytes()).map_err(|e| damaged(path, e))?;
+        }
         if i < entries.len() && entries[i].0.as_bytes() == key {
-            let cached: Entry = postcard::from_bytes(v.value())
-                .map_err(|e| damaged(path, format!("entry {}: {e}", entries[i].0)))?;
-            if let Some(l) = &cached.link {
-                RelPath::from_bytes(l.as_bytes()).map_err(|e| damaged(path, e))?;
-            }
-            if !matched(&mut entries[i].1, cached) {
-                stale.push(entries[i].0.clone());
+            if !matched(&mut entries[i].1, &cached) {
+                stale.push((rel()?, cached));
             }
         } else {
-            stale.push(RelPath::from_bytes(key).map_err(|e| damaged(path, e))?);
+            stale.push((rel()?, cached));
         }
     }
     Ok(stale)
@@ -406,8 +406,8 @@ impl ReadIndex {
         &self,
         table: Table,
         entries: &mut [(RelPath, Entry)],
-        matched: &mut dyn FnMut(&mut Entry, Entry) -> bool,
-    ) -> Result<Vec<RelPath>> {
+        matched: &mut dyn FnMut(&mut Entry, &Entry) -> bool,
+    ) -> Result<Vec<(RelPath, Entry)>> {
         match &self.db {
             None => Ok(Vec::new()),
             Some(db) => {

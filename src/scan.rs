@@ -110,7 +110,7 @@ pub fn walk(root: &Path, side: Side) -> Tree {
 /// Takes the hash from the entry the index recorded for the same path, if it is still valid:
 /// same fingerprint, and not racily clean. Returns whether the record is still worth keeping
 /// (false once the path is no longer a file).
-pub fn reuse_cached(e: &mut Entry, cached: Entry) -> bool {
+pub fn reuse_cached(e: &mut Entry, cached: &Entry) -> bool {
     if !matches!(e.content, Content::File { .. }) {
         return false;
     }
@@ -124,6 +124,33 @@ pub fn reuse_cached(e: &mut Entry, cached: Entry) -> bool {
         e.seen = cached.seen;
     }
     true
+}
+
+/// Gives files that have no valid hash under their path the hash recorded for the same inode
+/// under a path that is gone, when the whole fingerprint still matches: the files of a renamed
+/// directory keep inode, size, mtime and ctime, so they need not be read again. Returns the
+/// entries that got a hash this way, to be recorded under their new paths.
+pub fn reuse_by_inode(tree: &mut Tree, stale: &[(RelPath, Entry)]) -> Vec<(RelPath, Entry)> {
+    let by_inode: HashMap<(u64, u64), &Entry> = stale
+        .iter()
+        .filter(|(_, e)| e.file_hash().is_some())
+        .map(|(_, e)| ((e.fp.dev, e.fp.ino), e))
+        .collect();
+    if by_inode.is_empty() {
+        return Vec::new();
+    }
+    let mut found = Vec::new();
+    for (path, e) in tree.entries.iter_mut() {
+        if let Content::File { hash: None, .. } = e.content
+            && let Some(cached) = by_inode.get(&(e.fp.dev, e.fp.ino))
+        {
+            reuse_cached(e, cached);
+            if e.file_hash().is_some() {
+                found.push((path.clone(), e.clone()));
+            }
+        }
+    }
+    found
 }
 
 /// One item of a directory listing. A child sorts by its name; a child directory's subtree
@@ -341,7 +368,7 @@ fn hash_one(path: &Path, old: &Entry) -> HashResult {
     if !before.file_type().is_file() {
         return Ok(None);
     }
-    let (h, n) = hash::hash_reader(&mut &file)?;
+    let (h, n) = hash::hash_reader(&mut &file, before.size())?;
     let after = file.metadata()?;
     let fp = fingerprint(&before);
     let stable = fp == fingerprint(&after) && n == before.size();

@@ -83,14 +83,15 @@ struct Scanned {
 }
 
 /// Streams one recorded table alongside a walked tree (see `Index::merge`).
-type Merge<'a> = dyn Fn(Table, &mut [(RelPath, Entry)]) -> Result<Vec<RelPath>> + Sync + 'a;
+type Merge<'a> =
+    dyn Fn(Table, &mut [(RelPath, Entry)]) -> Result<Vec<(RelPath, Entry)>> + Sync + 'a;
 
 /// Walks each side and merges it with its recorded table, the two sides on two threads; then
 /// hashes what must be hashed. Returns the trees and what the index should learn from them.
 fn scan_both(cfg: &Config, merge: &Merge) -> Result<(Scanned, Vec<Update>)> {
     let roots = &cfg.roots;
     let t = Instant::now();
-    let side = |table: Table| -> Result<(Tree, Vec<RelPath>)> {
+    let side = |table: Table| -> Result<(Tree, Vec<(RelPath, Entry)>)> {
         let mut tree = match table {
             Table::Source => scan::walk(&roots.source, Side::Source),
             Table::Replica if roots.replica.exists() => scan::walk(&roots.replica, Side::Replica),
@@ -105,6 +106,8 @@ fn scan_both(cfg: &Config, merge: &Merge) -> Result<(Scanned, Vec<Update>)> {
         (src, d.join().expect("replica walk does not panic"))
     });
     let ((mut src, src_stale), (mut dst, dst_stale)) = (src?, dst?);
+    let src_moved = scan::reuse_by_inode(&mut src, &src_stale);
+    let dst_moved = scan::reuse_by_inode(&mut dst, &dst_stale);
     log::debug!("walked both trees in {:?}", t.elapsed());
     let sizes = |t: &Tree| -> HashSet<u64> {
         t.entries
@@ -132,13 +135,14 @@ fn scan_both(cfg: &Config, merge: &Merge) -> Result<(Scanned, Vec<Update>)> {
     let dst_fresh = scan::hash_files(&roots.replica, &mut dst, &dst_need);
     let mut learned = Vec::new();
     for (table, tree, stale, fresh) in [
-        (Table::Source, &src, src_stale, src_fresh),
-        (Table::Replica, &dst, dst_stale, dst_fresh),
+        (Table::Source, &src, src_stale, [src_moved, src_fresh]),
+        (Table::Replica, &dst, dst_stale, [dst_moved, dst_fresh]),
     ] {
         // Paths below an unreadable directory were not seen, not removed.
-        let stale = stale.into_iter().filter(|p| !tree.is_unknown(p));
-        learned.extend(stale.map(|p| Update::Forget(table, p)));
-        learned.extend(fresh.into_iter().map(|(p, e)| Update::Put(table, p, e)));
+        let stale = stale.into_iter().filter(|(p, _)| !tree.is_unknown(p));
+        learned.extend(stale.map(|(p, _)| Update::Forget(table, p)));
+        let fresh = fresh.into_iter().flatten();
+        learned.extend(fresh.map(|(p, e)| Update::Put(table, p, e)));
     }
     log::debug!("hashed in {:?}", t.elapsed());
     rayon::join(
