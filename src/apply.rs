@@ -141,7 +141,7 @@ impl Ctx<'_> {
                 let want = src.file_hash();
                 let trusted = trusted
                     .as_ref()
-                    .filter(|t| !t.is_racy())
+                    .filter(|t| !t.is_racy(RACY_WINDOW_NS))
                     .and_then(|t| t.file_hash().map(|h| (t.fp, h)));
                 let mut check = |h: &Hash, n: u64| {
                     if Some(*h) == want && n == src.size() {

@@ -304,7 +304,10 @@ pub struct Entry {
 }
 
 /// How close to the moment it was read a node may have changed and still keep its fingerprint on
-/// the next change: coarse kernel clocks tick in milliseconds, some filesystems in seconds.
+/// the next change, on filesystems with nanosecond timestamps that follow the kernel's coarse
+/// clock (ext4, tmpfs, xfs, btrfs): one clock tick is at most 10 ms.
+pub const RACY_WINDOW_FINE_NS: i128 = 20_000_000;
+/// The same on any other filesystem (some keep seconds, FAT keeps two), or across devices.
 pub const RACY_WINDOW_NS: i128 = 2_000_000_000;
 
 impl Entry {
@@ -335,11 +338,12 @@ impl Entry {
         }
     }
 
-    /// True when the node changed so close to `seen` that a later change within the same clock
-    /// tick would leave `fp` as it is (git's racy-git problem); such a hash must not be reused.
-    pub fn is_racy(&self) -> bool {
+    /// True when the node changed less than `window_ns` before `seen`, so that a later change
+    /// within the same timestamp tick would leave `fp` as it is (git's racy-git problem); such a
+    /// hash must not be reused.
+    pub fn is_racy(&self, window_ns: i128) -> bool {
         let changed = self.fp.mtime.as_nanos().max(self.fp.ctime.as_nanos());
-        changed + RACY_WINDOW_NS > self.seen.as_nanos()
+        changed + window_ns > self.seen.as_nanos()
     }
 
     /// Same content, as far as it is known: unknown hashes never compare equal.
@@ -412,6 +416,31 @@ mod tests {
         assert_eq!(p("a").parent(), Some(RelPath::root()));
         assert_eq!(p("a/b").name(), b"b");
         assert_eq!(p("a/b").depth(), 2);
+    }
+
+    #[test]
+    fn racy_entries_are_those_changed_within_the_window_before_they_were_read() {
+        let at = |sec: i64, nsec: u32| Time { sec, nsec };
+        let mut e = Entry {
+            content: Content::File {
+                size: 1,
+                hash: Some([0; 32]),
+            },
+            meta: Meta::default(),
+            fp: Fingerprint {
+                mtime: at(100, 0),
+                ctime: at(100, 0),
+                ..Fingerprint::default()
+            },
+            seen: at(100, 5_000_000),
+            link: None,
+        };
+        assert!(e.is_racy(RACY_WINDOW_FINE_NS), "read 5 ms after a change");
+        e.seen = at(100, 30_000_000);
+        assert!(!e.is_racy(RACY_WINDOW_FINE_NS), "read 30 ms after");
+        assert!(e.is_racy(RACY_WINDOW_NS), "but within two seconds");
+        e.fp.ctime = at(100, 29_000_000);
+        assert!(e.is_racy(RACY_WINDOW_FINE_NS), "a ctime change counts too");
     }
 
     #[test]

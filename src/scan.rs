@@ -47,6 +47,9 @@ pub struct Tree {
     /// Special files (FIFOs, sockets, devices) skipped in the source.
     pub specials: Vec<RelPath>,
     pub problems: Vec<Problem>,
+    /// The device of the root, and the racy window of its filesystem (see [`racy_window`]).
+    pub root_dev: u64,
+    pub root_window_ns: i128,
     /// How many files were read to hash them, and their bytes.
     pub hashed_files: u64,
     pub hashed_bytes: u64,
@@ -90,6 +93,8 @@ pub fn walk(root: &Path, side: Side) -> Tree {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     match rfs::open(root, flags, Mode::empty()).and_then(|fd| rfs::fstat(&fd).map(|st| (fd, st))) {
         Ok((fd, st)) => {
+            w.tree.root_dev = st.st_dev;
+            w.tree.root_window_ns = racy_window(&fd);
             w.push(RelPath::root(), Content::Dir { tree: None }, &st);
             w.dir(fd, &RelPath::root());
         }
@@ -107,17 +112,46 @@ pub fn walk(root: &Path, side: Side) -> Tree {
     tree
 }
 
+/// The racy window for entries on the filesystem of `dir`: fine only where timestamps are known
+/// to have nanosecond fields driven by the kernel clock.
+fn racy_window(dir: &OwnedFd) -> i128 {
+    use linux_magic::*;
+    match rfs::fstatfs(dir).map(|s| s.f_type as u32) {
+        Ok(TMPFS | EXT4 | BTRFS | XFS) => crate::entry::RACY_WINDOW_FINE_NS,
+        _ => crate::entry::RACY_WINDOW_NS,
+    }
+}
+
+/// `statfs` magic numbers (linux/magic.h).
+mod linux_magic {
+    pub const TMPFS: u32 = 0x0102_1994;
+    pub const EXT4: u32 = 0xEF53;
+    pub const BTRFS: u32 = 0x9123_683E;
+    pub const XFS: u32 = 0x5846_5342;
+}
+
+impl Tree {
+    /// The racy window that applies to an entry of this tree.
+    pub fn window_for(&self, e: &Entry) -> i128 {
+        if e.fp.dev == self.root_dev {
+            self.root_window_ns
+        } else {
+            crate::entry::RACY_WINDOW_NS
+        }
+    }
+}
+
 /// Takes the hash from the entry the index recorded for the same path, if it is still valid:
-/// same fingerprint, and not racily clean. Returns whether the record is still worth keeping
-/// (false once the path is no longer a file).
-pub fn reuse_cached(e: &mut Entry, cached: &Entry) -> bool {
+/// same fingerprint, and not racily clean under `window_ns`. Returns whether the record is still
+/// worth keeping (false once the path is no longer a file).
+pub fn reuse_cached(e: &mut Entry, cached: &Entry, window_ns: i128) -> bool {
     if !matches!(e.content, Content::File { .. }) {
         return false;
     }
     if let (Content::File { hash: h @ None, .. }, Content::File { hash: Some(ch), .. }) =
         (&mut e.content, &cached.content)
         && cached.fp == e.fp
-        && !cached.is_racy()
+        && !cached.is_racy(window_ns)
     {
         *h = Some(*ch);
         // Keep the time the hash was taken: that is what decides raciness.
@@ -131,6 +165,7 @@ pub fn reuse_cached(e: &mut Entry, cached: &Entry) -> bool {
 /// directory keep inode, size, mtime and ctime, so they need not be read again. Returns the
 /// entries that got a hash this way, to be recorded under their new paths.
 pub fn reuse_by_inode(tree: &mut Tree, stale: &[(RelPath, Entry)]) -> Vec<(RelPath, Entry)> {
+    let (root_dev, root_window) = (tree.root_dev, tree.root_window_ns);
     let by_inode: HashMap<(u64, u64), &Entry> = stale
         .iter()
         .filter(|(_, e)| e.file_hash().is_some())
@@ -144,7 +179,12 @@ pub fn reuse_by_inode(tree: &mut Tree, stale: &[(RelPath, Entry)]) -> Vec<(RelPa
         if let Content::File { hash: None, .. } = e.content
             && let Some(cached) = by_inode.get(&(e.fp.dev, e.fp.ino))
         {
-            reuse_cached(e, cached);
+            let window = if e.fp.dev == root_dev {
+                root_window
+            } else {
+                crate::entry::RACY_WINDOW_NS
+            };
+            reuse_cached(e, cached, window);
             if e.file_hash().is_some() {
                 found.push((path.clone(), e.clone()));
             }

@@ -83,8 +83,13 @@ struct Scanned {
 }
 
 /// Streams one recorded table alongside a walked tree (see `Index::merge`).
-type Merge<'a> =
-    dyn Fn(Table, &mut [(RelPath, Entry)]) -> Result<Vec<(RelPath, Entry)>> + Sync + 'a;
+type Merge<'a> = dyn Fn(
+        Table,
+        &mut [(RelPath, Entry)],
+        &mut dyn FnMut(&mut Entry, &Entry) -> bool,
+    ) -> Result<Vec<(RelPath, Entry)>>
+    + Sync
+    + 'a;
 
 /// Walks each side and merges it with its recorded table, the two sides on two threads; then
 /// hashes what must be hashed. Returns the trees and what the index should learn from them.
@@ -97,7 +102,15 @@ fn scan_both(cfg: &Config, merge: &Merge) -> Result<(Scanned, Vec<Update>)> {
             Table::Replica if roots.replica.exists() => scan::walk(&roots.replica, Side::Replica),
             Table::Replica => Tree::default(),
         };
-        let stale = merge(table, &mut tree.entries)?;
+        let (dev, window) = (tree.root_dev, tree.root_window_ns);
+        let stale = merge(table, &mut tree.entries, &mut |e, cached| {
+            let w = if e.fp.dev == dev {
+                window
+            } else {
+                crate::entry::RACY_WINDOW_NS
+            };
+            scan::reuse_cached(e, cached, w)
+        })?;
         Ok((tree, stale))
     };
     let (src, dst) = std::thread::scope(|s| {
@@ -181,9 +194,7 @@ pub fn status(cfg: &Config) -> Result<Report> {
         replica: &cfg.roots.replica,
     };
     let index = ReadIndex::open(&cfg.index, &roots)?;
-    let (s, _) = scan_both(cfg, &|t, entries| {
-        index.merge(t, entries, &mut scan::reuse_cached)
-    })?;
+    let (s, _) = scan_both(cfg, &|t, entries, f| index.merge(t, entries, f))?;
     let mut report = Report {
         plan: make_plan(cfg, &s),
         ..Report::default()
@@ -225,9 +236,7 @@ impl Session {
             std::fs::create_dir_all(replica_root).map_err(|e| Error::io(replica_root, e))?;
         }
         let index = &self.index;
-        let (s, learned) = scan_both(cfg, &|t, entries| {
-            index.merge(t, entries, &mut scan::reuse_cached)
-        })?;
+        let (s, learned) = scan_both(cfg, &|t, entries, f| index.merge(t, entries, f))?;
         log::debug!("scanned in {:?}", start.elapsed());
         let plan = make_plan(cfg, &s);
         log::debug!("planned in {:?}", start.elapsed());
