@@ -160,8 +160,8 @@ impl Ctx<'_> {
                     &mut check,
                 );
                 match res {
-                    Ok((h, n)) => {
-                        let fp = r.stat(to)?;
+                    Ok(w) => {
+                        let (h, n, fp) = (w.hash, w.len, w.fp);
                         let content = Content::File {
                             size: n,
                             hash: Some(h),
@@ -190,8 +190,7 @@ impl Ctx<'_> {
             Op::Link {
                 leader, path, src, ..
             } => {
-                r.hard_link(leader, path)?;
-                let fp = r.stat(path)?;
+                let fp = r.hard_link(leader, path)?;
                 Ok((
                     vec![Update::Put(
                         Table::Replica,
@@ -244,14 +243,14 @@ impl Ctx<'_> {
             }
             Ok(())
         };
-        let (h, n) = self
+        let w = self
             .replica
             .write_file(path, &mut &file, &src.meta, &mut check)?;
+        let (h, n, rfp) = (w.hash, w.len, w.fp);
         let content = Content::File {
             size: n,
             hash: Some(h),
         };
-        let rfp = self.replica.stat(path)?;
         let mut updates = vec![Update::Put(
             Table::Replica,
             path.clone(),

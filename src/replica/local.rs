@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 
-use super::{Check, Replica};
+use super::{Check, Replica, Written};
 use crate::entry::{Fingerprint, Hash, Kind, Meta, RelPath, Time};
 use crate::hash;
 use crate::plan::TMP_PREFIX;
@@ -24,6 +24,7 @@ pub struct LocalReplica {
     /// Whether owners are set (only root can).
     owners: bool,
     counter: AtomicU64,
+    pid: u32,
 }
 
 /// A directory descriptor: the root's, borrowed, or one opened for a single operation.
@@ -96,6 +97,7 @@ impl LocalReplica {
             root: fd,
             owners,
             counter: AtomicU64::new(0),
+            pid: std::process::id(),
         })
     }
 
@@ -139,7 +141,7 @@ impl LocalReplica {
 
     fn tmp_name(&self) -> Vec<u8> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        format!("{TMP_PREFIX}{}-{n}", std::process::id()).into_bytes()
+        format!("{TMP_PREFIX}{}-{n}", self.pid).into_bytes()
     }
 
     /// Creates an empty temporary file in `dir`.
@@ -179,30 +181,44 @@ impl LocalReplica {
         name: &[u8],
         result: io::Result<T>,
     ) -> io::Result<T> {
-        let done = result.and_then(|v| {
-            rfs::renameat(dir, os(tmp), dir, os(name))
-                .map_err(io_err)
-                .map(|_| v)
-        });
-        // Also covers rename onto another link of the same inode, which succeeds doing nothing.
-        let _ = rfs::unlinkat(dir, os(tmp), AtFlags::empty());
-        done
+        match result {
+            Ok(v) => match rfs::renameat(dir, os(tmp), dir, os(name)) {
+                Ok(()) => Ok(v),
+                Err(e) => {
+                    let _ = rfs::unlinkat(dir, os(tmp), AtFlags::empty());
+                    Err(io_err(e))
+                }
+            },
+            Err(e) => {
+                let _ = rfs::unlinkat(dir, os(tmp), AtFlags::empty());
+                Err(e)
+            }
+        }
     }
 
+    /// Writes a file under a temporary name in `dir`, sets its metadata, and renames it over
+    /// `name`. Returns what `fill` wrote and the fingerprint of the file in place.
     fn write_into(
         &self,
         dir: &Dir,
         name: &[u8],
         meta: &Meta,
         fill: impl FnOnce(&mut File) -> io::Result<(Hash, u64)>,
-    ) -> io::Result<(Hash, u64)> {
+    ) -> io::Result<Written> {
         let (mut f, tmp) = self.create_tmp(dir)?;
         let result = fill(&mut f).and_then(|r| {
             self.finish_file(&f, meta)?;
             Ok(r)
         });
         drop(f);
-        self.commit(dir, &tmp, name, result)
+        let (hash, len) = self.commit(dir, &tmp, name, result)?;
+        // After the rename: a rename changes the inode's ctime.
+        let st = rfs::statat(dir, os(name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
+        Ok(Written {
+            hash,
+            len,
+            fp: fingerprint_of(&st),
+        })
     }
 
     /// chmod without following a symlink at the last component.
@@ -261,7 +277,7 @@ impl Replica for LocalReplica {
         data: &mut dyn Read,
         meta: &Meta,
         check: Check,
-    ) -> io::Result<(Hash, u64)> {
+    ) -> io::Result<Written> {
         let (d, name) = self.parent(path)?;
         self.write_into(&d, &name, meta, |f| {
             let (h, n) = hash::copy_hashing(data, f)?;
@@ -277,7 +293,7 @@ impl Replica for LocalReplica {
         trusted: Option<(&Fingerprint, &Hash)>,
         meta: &Meta,
         check: Check,
-    ) -> io::Result<(Hash, u64)> {
+    ) -> io::Result<Written> {
         let (fd, fname) = self.parent(from)?;
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
         let src = File::from(rfs::openat(&fd, os(&fname), flags, Mode::empty()).map_err(io_err)?);
@@ -330,7 +346,7 @@ impl Replica for LocalReplica {
         self.commit(&d, &tmp, &name, result)
     }
 
-    fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<()> {
+    fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<Fingerprint> {
         let (ld, lname) = self.parent(leader)?;
         let (d, name) = self.parent(path)?;
         let tmp = loop {
@@ -341,7 +357,11 @@ impl Replica for LocalReplica {
                 Err(e) => return Err(io_err(e)),
             }
         };
-        self.commit(&d, &tmp, &name, Ok(()))
+        self.commit(&d, &tmp, &name, Ok(()))?;
+        // Renaming onto another link of the same inode succeeds without doing anything.
+        let _ = rfs::unlinkat(&d, os(&tmp), AtFlags::empty());
+        let st = rfs::statat(&d, os(&name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
+        Ok(fingerprint_of(&st))
     }
 
     fn set_meta(&self, path: &RelPath, kind: Kind, meta: &Meta) -> io::Result<()> {

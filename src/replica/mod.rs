@@ -10,6 +10,7 @@
 //! - `mkdir` of an existing directory succeeds; `remove` of a missing node succeeds.
 
 pub mod local;
+pub mod memory;
 
 use std::io::{self, Read};
 
@@ -19,6 +20,14 @@ use crate::entry::{Fingerprint, Hash, Kind, Meta, RelPath};
 /// the operation and leaves the old node where it was.
 pub type Check<'a> = &'a mut dyn FnMut(&Hash, u64) -> io::Result<()>;
 
+/// A file put in place: the hash and length of its bytes, and its fingerprint.
+#[derive(Clone, Copy, Debug)]
+pub struct Written {
+    pub hash: Hash,
+    pub len: u64,
+    pub fp: Fingerprint,
+}
+
 pub trait Replica: Sync {
     /// Renames a file, symlink or whole directory.
     fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()>;
@@ -26,14 +35,15 @@ pub trait Replica: Sync {
     fn remove(&self, path: &RelPath, kind: Kind) -> io::Result<()>;
     fn mkdir(&self, path: &RelPath) -> io::Result<()>;
     /// Writes `data` to a new file at `path`, hashing it on the way; `check` sees the hash and
-    /// length before the file is put in place. Returns both.
+    /// length before the file is put in place. Returns both, and the fingerprint of the file in
+    /// place.
     fn write_file(
         &self,
         path: &RelPath,
         data: &mut dyn Read,
         meta: &Meta,
         check: Check,
-    ) -> io::Result<(Hash, u64)>;
+    ) -> io::Result<Written>;
     /// Copies the replica file `from` to `to`. When `trusted` is the fingerprint `from` had when
     /// it was hashed and still has, the bytes are copied by the kernel (reflink where it can)
     /// without being read here; otherwise they are hashed on the way and `check` decides.
@@ -44,9 +54,10 @@ pub trait Replica: Sync {
         trusted: Option<(&Fingerprint, &Hash)>,
         meta: &Meta,
         check: Check,
-    ) -> io::Result<(Hash, u64)>;
+    ) -> io::Result<Written>;
     fn symlink(&self, path: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()>;
-    fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<()>;
+    /// Returns the fingerprint of the (shared) inode.
+    fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<Fingerprint>;
     fn set_meta(&self, path: &RelPath, kind: Kind, meta: &Meta) -> io::Result<()>;
     /// The node's fingerprint, without following a symlink.
     fn stat(&self, path: &RelPath) -> io::Result<Fingerprint>;

@@ -1,0 +1,714 @@
+//! A replica held in memory, for model tests: a map from path to node behind a mutex, enforcing
+//! what a filesystem enforces, so that a plan that would fail on a real directory fails here too.
+//!
+//! Rules enforced (each violation is an `io::Error` with the errno a Linux filesystem gives):
+//! - Every ancestor of a path must exist and be a directory; a symlink in the middle of a path
+//!   is never followed (`ELOOP`, as `RESOLVE_NO_SYMLINKS` gives).
+//! - `remove` of a directory needs it empty; `remove` with the wrong kind fails as `unlinkat`
+//!   does (`EISDIR`, `ENOTDIR`); a missing node is not an error.
+//! - `rename` never lands on a directory (stricter than POSIX, which allows an empty one), never
+//!   moves a directory below itself, and onto another link of the same inode does nothing
+//!   (POSIX).
+//! - Writing a file or symlink over a directory fails (`EISDIR`), as the final rename would.
+//! - Creating, removing or renaming an entry sets its directory's mtime to the current time, as
+//!   a kernel does; every change to a node gives it a new ctime.
+//!
+//! Temporary names are not needed: every write is put in place in one step under the lock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read};
+use std::sync::{Mutex, MutexGuard};
+
+use rustix::io::Errno;
+
+use super::{Check, Replica, Written};
+use crate::entry::{Content, Entry, Fingerprint, Hash, Kind, Meta, RelPath, Time};
+use crate::hash;
+
+/// The device number every node of a memory replica reports.
+pub const DEV: u64 = 0x6d656d;
+
+/// One node of the tree. Files are inodes in a separate table so that hard links share them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Node {
+    Dir {
+        meta: Meta,
+        ino: u64,
+        ctime: Time,
+    },
+    File {
+        ino: u64,
+    },
+    Symlink {
+        target: Vec<u8>,
+        meta: Meta,
+        ino: u64,
+        ctime: Time,
+    },
+}
+
+/// A regular file's content and metadata, shared by all its links.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileInode {
+    pub data: Vec<u8>,
+    pub meta: Meta,
+    pub ctime: Time,
+    pub nlink: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    nodes: BTreeMap<RelPath, Node>,
+    files: HashMap<u64, FileInode>,
+    next_ino: u64,
+    clock: u64,
+}
+
+/// A replica that lives in memory; see the module documentation for the rules it enforces.
+#[derive(Debug)]
+pub struct MemoryReplica {
+    state: Mutex<State>,
+    owners: bool,
+    uid: u32,
+    gid: u32,
+}
+
+fn err(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+impl State {
+    /// A new, strictly increasing change time.
+    fn tick(&mut self) -> Time {
+        self.clock += 1;
+        Time {
+            sec: 1_000_000_000 + (self.clock / 1_000_000_000) as i64,
+            nsec: (self.clock % 1_000_000_000) as u32,
+        }
+    }
+
+    fn new_ino(&mut self) -> u64 {
+        self.next_ino += 1;
+        self.next_ino
+    }
+
+    /// Every ancestor of `path` exists and is a directory.
+    fn check_parent(&self, path: &RelPath) -> io::Result<()> {
+        let mut ancestors = Vec::new();
+        let mut p = path.parent();
+        while let Some(q) = p {
+            p = q.parent();
+            ancestors.push(q);
+        }
+        for a in ancestors.iter().rev() {
+            match self.nodes.get(a) {
+                Some(Node::Dir { .. }) => {}
+                Some(Node::Symlink { .. }) => return Err(err(Errno::LOOP)),
+                Some(Node::File { .. }) => return Err(err(Errno::NOTDIR)),
+                None => return Err(err(Errno::NOENT)),
+            }
+        }
+        Ok(())
+    }
+
+    fn has_children(&self, path: &RelPath) -> bool {
+        self.nodes
+            .range(path.clone()..)
+            .nth(1)
+            .is_some_and(|(k, _)| path.is_ancestor_of(k))
+    }
+
+    /// Sets the mtime of the directory holding `path` to now, as adding or removing an entry
+    /// does.
+    fn touch_parent(&mut self, path: &RelPath) {
+        let Some(parent) = path.parent() else { return };
+        let ctime = self.tick();
+        if let Some(Node::Dir { meta, ctime: c, .. }) = self.nodes.get_mut(&parent) {
+            meta.mtime = Time::now();
+            *c = ctime;
+        }
+    }
+
+    /// Drops one link of a file node (the path must already be out of `nodes`).
+    fn unlink_node(&mut self, node: &Node) {
+        if let Node::File { ino } = node {
+            let ctime = self.tick();
+            if let Some(f) = self.files.get_mut(ino) {
+                f.nlink -= 1;
+                f.ctime = ctime;
+                if f.nlink == 0 {
+                    self.files.remove(ino);
+                }
+            }
+        }
+    }
+
+    /// Puts a non-directory node at `path`, replacing a file or symlink there.
+    fn install(&mut self, path: &RelPath, node: Node) -> io::Result<()> {
+        self.check_parent(path)?;
+        if path.is_root() {
+            return Err(err(Errno::BUSY));
+        }
+        match (self.nodes.get(path), &node) {
+            (Some(Node::Dir { .. }), _) => return Err(err(Errno::ISDIR)),
+            (Some(Node::File { ino: a }), Node::File { ino: b }) if a == b => {
+                // Another link of the same inode: the rename into place does nothing, and the
+                // temporary link goes away again.
+                self.unlink_node(&node);
+                return Ok(());
+            }
+            _ => {}
+        }
+        if let Some(old) = self.nodes.insert(path.clone(), node) {
+            self.unlink_node(&old);
+        }
+        self.touch_parent(path);
+        Ok(())
+    }
+
+    fn fingerprint(&self, node: &Node) -> Fingerprint {
+        match node {
+            Node::Dir { meta, ino, ctime } => Fingerprint {
+                size: 0,
+                mtime: meta.mtime,
+                ctime: *ctime,
+                ino: *ino,
+                dev: DEV,
+            },
+            Node::File { ino } => {
+                let f = &self.files[ino];
+                Fingerprint {
+                    size: f.data.len() as u64,
+                    mtime: f.meta.mtime,
+                    ctime: f.ctime,
+                    ino: *ino,
+                    dev: DEV,
+                }
+            }
+            Node::Symlink {
+                target,
+                meta,
+                ino,
+                ctime,
+            } => Fingerprint {
+                size: target.len() as u64,
+                mtime: meta.mtime,
+                ctime: *ctime,
+                ino: *ino,
+                dev: DEV,
+            },
+        }
+    }
+}
+
+impl MemoryReplica {
+    /// An empty replica: only the root directory, mode 0o755. `owners` says whether `uid` and
+    /// `gid` of [`Meta`] are applied (as [`super::local::LocalReplica`] does only as root);
+    /// otherwise new nodes belong to the current process's user.
+    pub fn new(owners: bool) -> MemoryReplica {
+        let uid = rustix::process::geteuid().as_raw();
+        let gid = rustix::process::getegid().as_raw();
+        let mut nodes = BTreeMap::new();
+        nodes.insert(
+            RelPath::root(),
+            Node::Dir {
+                meta: Meta {
+                    mode: 0o755,
+                    mtime: Time::now(),
+                    uid,
+                    gid,
+                },
+                ino: 1,
+                ctime: Time { sec: 1, nsec: 0 },
+            },
+        );
+        MemoryReplica {
+            state: Mutex::new(State {
+                nodes,
+                files: HashMap::new(),
+                next_ino: 1,
+                clock: 0,
+            }),
+            owners,
+            uid,
+            gid,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held leaves a tree that is still consistent enough to look
+        // at (every change is made in one step).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The metadata a new node gets: the wanted one, with the process's owner unless owners are
+    /// replicated.
+    fn new_meta(&self, meta: &Meta) -> Meta {
+        if self.owners {
+            *meta
+        } else {
+            Meta {
+                uid: self.uid,
+                gid: self.gid,
+                ..*meta
+            }
+        }
+    }
+
+    /// The node at `path`, if any.
+    pub fn node(&self, path: &RelPath) -> Option<Node> {
+        self.lock().nodes.get(path).cloned()
+    }
+
+    /// The bytes of the file at `path`, if it is a file.
+    pub fn read(&self, path: &RelPath) -> Option<Vec<u8>> {
+        let st = self.lock();
+        match st.nodes.get(path)? {
+            Node::File { ino } => Some(st.files[ino].data.clone()),
+            _ => None,
+        }
+    }
+
+    /// The whole tree as a scan would record it, in canonical order, the root first: every file
+    /// with its content hash, every symlink with its target, hard links pointing at the first of
+    /// their paths. Directory tree hashes are left unknown (see
+    /// [`crate::hash::fill_tree_hashes`]).
+    pub fn tree(&self) -> Vec<(RelPath, Entry)> {
+        let st = self.lock();
+        let seen = Time::now();
+        let mut leaders: HashMap<u64, RelPath> = HashMap::new();
+        let mut out = Vec::with_capacity(st.nodes.len());
+        for (path, node) in &st.nodes {
+            let fp = st.fingerprint(node);
+            let (content, meta, link) = match node {
+                Node::Dir { meta, .. } => (Content::Dir { tree: None }, *meta, None),
+                Node::File { ino } => {
+                    let f = &st.files[ino];
+                    let content = Content::File {
+                        size: f.data.len() as u64,
+                        hash: Some(*blake3::hash(&f.data).as_bytes()),
+                    };
+                    let link = match leaders.get(ino) {
+                        Some(leader) => Some(leader.clone()),
+                        None => {
+                            leaders.insert(*ino, path.clone());
+                            None
+                        }
+                    };
+                    (content, f.meta, link)
+                }
+                Node::Symlink { target, meta, .. } => (
+                    Content::Symlink {
+                        target: target.clone(),
+                    },
+                    *meta,
+                    None,
+                ),
+            };
+            out.push((
+                path.clone(),
+                Entry {
+                    content,
+                    meta,
+                    fp,
+                    seen,
+                    link,
+                },
+            ));
+        }
+        out
+    }
+
+    /// Reads all of `data`, hashing it, and lets `check` decide.
+    fn take(data: &mut dyn Read, check: Check) -> io::Result<(Vec<u8>, Hash, u64)> {
+        let mut buf = Vec::new();
+        let (h, n) = hash::copy_hashing(data, &mut buf)?;
+        check(&h, n)?;
+        Ok((buf, h, n))
+    }
+
+    /// Puts a new file inode holding `data` at `path`.
+    fn put_file(&self, path: &RelPath, data: Vec<u8>, meta: &Meta) -> io::Result<()> {
+        let mut st = self.lock();
+        st.check_parent(path)?;
+        if matches!(st.nodes.get(path), Some(Node::Dir { .. })) {
+            return Err(err(Errno::ISDIR));
+        }
+        let ino = st.new_ino();
+        let ctime = st.tick();
+        st.files.insert(
+            ino,
+            FileInode {
+                data,
+                meta: self.new_meta(meta),
+                ctime,
+                nlink: 1,
+            },
+        );
+        st.install(path, Node::File { ino })
+    }
+}
+
+impl Replica for MemoryReplica {
+    fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()> {
+        let mut st = self.lock();
+        if from.is_root() || to.is_root() {
+            return Err(err(Errno::BUSY));
+        }
+        st.check_parent(from)?;
+        st.check_parent(to)?;
+        let node = st
+            .nodes
+            .get(from)
+            .cloned()
+            .ok_or_else(|| err(Errno::NOENT))?;
+        if from == to {
+            return Ok(());
+        }
+        if from.is_ancestor_of(to) {
+            return Err(err(Errno::INVAL));
+        }
+        match (&node, st.nodes.get(to)) {
+            (Node::Dir { .. }, Some(Node::Dir { .. })) => return Err(err(Errno::NOTEMPTY)),
+            (_, Some(Node::Dir { .. })) => return Err(err(Errno::ISDIR)),
+            (Node::Dir { .. }, Some(_)) => return Err(err(Errno::NOTDIR)),
+            (Node::File { ino: a }, Some(Node::File { ino: b })) if a == b => return Ok(()),
+            _ => {}
+        }
+        if let Some(old) = st.nodes.remove(to) {
+            st.unlink_node(&old);
+        }
+        let keys: Vec<RelPath> = st
+            .nodes
+            .range(from.clone()..)
+            .take_while(|(k, _)| *k == from || from.is_ancestor_of(k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            let n = st.nodes.remove(&k).expect("key was just listed");
+            st.nodes.insert(k.rebase(from, to), n);
+        }
+        let ctime = st.tick();
+        match st.nodes.get_mut(to) {
+            Some(Node::Dir { ctime: c, .. } | Node::Symlink { ctime: c, .. }) => *c = ctime,
+            Some(Node::File { ino }) => {
+                let ino = *ino;
+                if let Some(f) = st.files.get_mut(&ino) {
+                    f.ctime = ctime;
+                }
+            }
+            None => unreachable!("just inserted"),
+        }
+        st.touch_parent(from);
+        st.touch_parent(to);
+        Ok(())
+    }
+
+    fn remove(&self, path: &RelPath, kind: Kind) -> io::Result<()> {
+        let mut st = self.lock();
+        if path.is_root() {
+            return Err(err(Errno::BUSY));
+        }
+        st.check_parent(path)?;
+        let Some(node) = st.nodes.get(path).cloned() else {
+            return Ok(());
+        };
+        match (&node, kind == Kind::Dir) {
+            (Node::Dir { .. }, false) => return Err(err(Errno::ISDIR)),
+            (Node::Dir { .. }, true) if st.has_children(path) => {
+                return Err(err(Errno::NOTEMPTY));
+            }
+            (Node::File { .. } | Node::Symlink { .. }, true) => return Err(err(Errno::NOTDIR)),
+            _ => {}
+        }
+        st.nodes.remove(path);
+        st.unlink_node(&node);
+        st.touch_parent(path);
+        Ok(())
+    }
+
+    fn mkdir(&self, path: &RelPath) -> io::Result<()> {
+        let mut st = self.lock();
+        st.check_parent(path)?;
+        match st.nodes.get(path) {
+            Some(Node::Dir { .. }) => return Ok(()),
+            Some(_) => return Err(io::Error::from(io::ErrorKind::AlreadyExists)),
+            None => {}
+        }
+        let ino = st.new_ino();
+        let ctime = st.tick();
+        let meta = Meta {
+            mode: 0o700,
+            mtime: Time::now(),
+            uid: self.uid,
+            gid: self.gid,
+        };
+        st.nodes
+            .insert(path.clone(), Node::Dir { meta, ino, ctime });
+        st.touch_parent(path);
+        Ok(())
+    }
+
+    fn write_file(
+        &self,
+        path: &RelPath,
+        data: &mut dyn Read,
+        meta: &Meta,
+        check: Check,
+    ) -> io::Result<Written> {
+        self.lock().check_parent(path)?;
+        let (buf, hash, len) = Self::take(data, check)?;
+        self.put_file(path, buf, meta)?;
+        let fp = self.stat_node(path)?;
+        Ok(Written { hash, len, fp })
+    }
+
+    fn copy_file(
+        &self,
+        from: &RelPath,
+        to: &RelPath,
+        trusted: Option<(&Fingerprint, &Hash)>,
+        meta: &Meta,
+        check: Check,
+    ) -> io::Result<Written> {
+        let (data, fp) = {
+            let st = self.lock();
+            st.check_parent(from)?;
+            st.check_parent(to)?;
+            match st.nodes.get(from) {
+                Some(node @ Node::File { ino }) => {
+                    (st.files[ino].data.clone(), st.fingerprint(node))
+                }
+                Some(_) => return Err(io::Error::other("copy source is not a regular file")),
+                None => return Err(err(Errno::NOENT)),
+            }
+        };
+        let (h, n) = match trusted {
+            // As a kernel copy does: the recorded hash stands for bytes not read here.
+            Some((want, h)) if *want == fp => {
+                check(h, data.len() as u64)?;
+                (*h, data.len() as u64)
+            }
+            _ => {
+                let (_, h, n) = Self::take(&mut &data[..], check)?;
+                (h, n)
+            }
+        };
+        self.put_file(to, data, meta)?;
+        let fp = self.stat_node(to)?;
+        Ok(Written {
+            hash: h,
+            len: n,
+            fp,
+        })
+    }
+
+    fn symlink(&self, path: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()> {
+        let mut st = self.lock();
+        st.check_parent(path)?;
+        if matches!(st.nodes.get(path), Some(Node::Dir { .. })) {
+            return Err(err(Errno::ISDIR));
+        }
+        let ino = st.new_ino();
+        let ctime = st.tick();
+        let node = Node::Symlink {
+            target: target.to_vec(),
+            meta: Meta {
+                mode: 0o777,
+                ..self.new_meta(meta)
+            },
+            ino,
+            ctime,
+        };
+        st.install(path, node)
+    }
+
+    fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<Fingerprint> {
+        self.link_node(leader, path)?;
+        self.stat_node(path)
+    }
+
+    fn set_meta(&self, path: &RelPath, kind: Kind, meta: &Meta) -> io::Result<()> {
+        self.set_node_meta(path, kind, meta)
+    }
+
+    fn stat(&self, path: &RelPath) -> io::Result<Fingerprint> {
+        self.stat_node(path)
+    }
+}
+
+impl MemoryReplica {
+    fn link_node(&self, leader: &RelPath, path: &RelPath) -> io::Result<()> {
+        let mut st = self.lock();
+        st.check_parent(leader)?;
+        st.check_parent(path)?;
+        let ino = match st.nodes.get(leader) {
+            Some(Node::File { ino }) => *ino,
+            Some(_) => return Err(err(Errno::PERM)),
+            None => return Err(err(Errno::NOENT)),
+        };
+        if matches!(st.nodes.get(path), Some(Node::Dir { .. })) {
+            return Err(err(Errno::ISDIR));
+        }
+        let ctime = st.tick();
+        let f = st.files.get_mut(&ino).expect("a file node has an inode");
+        f.nlink += 1;
+        f.ctime = ctime;
+        st.install(path, Node::File { ino })
+    }
+
+    fn set_node_meta(&self, path: &RelPath, kind: Kind, meta: &Meta) -> io::Result<()> {
+        let mut st = self.lock();
+        st.check_parent(path)?;
+        let ctime = st.tick();
+        let owners = self.owners;
+        let apply = |m: &mut Meta, chmod: bool| {
+            if owners {
+                m.uid = meta.uid;
+                m.gid = meta.gid;
+            }
+            if chmod {
+                m.mode = meta.mode;
+            }
+            m.mtime = meta.mtime;
+        };
+        let ino = match st.nodes.get_mut(path) {
+            None => return Err(err(Errno::NOENT)),
+            Some(Node::Dir {
+                meta: m, ctime: c, ..
+            }) if kind == Kind::Dir => {
+                apply(m, true);
+                *c = ctime;
+                return Ok(());
+            }
+            Some(Node::Symlink {
+                meta: m, ctime: c, ..
+            }) if kind == Kind::Symlink => {
+                apply(m, false);
+                *c = ctime;
+                return Ok(());
+            }
+            Some(Node::File { ino }) if kind == Kind::File => *ino,
+            Some(other) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("set_meta for a {kind} on {other:?} at {path}"),
+                ));
+            }
+        };
+        let f = st.files.get_mut(&ino).expect("a file node has an inode");
+        apply(&mut f.meta, true);
+        f.ctime = ctime;
+        Ok(())
+    }
+
+    fn stat_node(&self, path: &RelPath) -> io::Result<Fingerprint> {
+        let st = self.lock();
+        st.check_parent(path)?;
+        let node = st.nodes.get(path).ok_or_else(|| err(Errno::NOENT))?;
+        Ok(st.fingerprint(node))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::from_bytes(s.as_bytes()).unwrap()
+    }
+
+    fn meta(mode: u32, sec: i64) -> Meta {
+        Meta {
+            mode,
+            mtime: Time { sec, nsec: 7 },
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    fn write(r: &MemoryReplica, path: &str, data: &[u8]) -> io::Result<(Hash, u64)> {
+        r.write_file(
+            &p(path),
+            &mut &data[..],
+            &meta(0o644, 5),
+            &mut |_, _| Ok(()),
+        )
+        .map(|w| (w.hash, w.len))
+    }
+
+    fn errno(e: io::Error) -> Option<i32> {
+        e.raw_os_error()
+    }
+
+    #[test]
+    fn enforces_parents_empty_rmdir_and_no_rename_onto_dirs() {
+        let r = MemoryReplica::new(true);
+        assert_eq!(
+            errno(write(&r, "d/f", b"x").unwrap_err()),
+            Some(Errno::NOENT.raw_os_error())
+        );
+        r.mkdir(&p("d")).unwrap();
+        r.mkdir(&p("d")).unwrap();
+        write(&r, "d/f", b"x").unwrap();
+        write(&r, "g", b"y").unwrap();
+        assert!(r.mkdir(&p("g")).is_err());
+        assert_eq!(
+            errno(r.remove(&p("d"), Kind::Dir).unwrap_err()),
+            Some(Errno::NOTEMPTY.raw_os_error())
+        );
+        assert!(r.remove(&p("d"), Kind::File).is_err());
+        assert!(r.remove(&p("g"), Kind::Dir).is_err());
+        r.remove(&p("missing"), Kind::File).unwrap();
+        assert!(r.rename(&p("g"), &p("d")).is_err());
+        r.mkdir(&p("e")).unwrap();
+        assert!(r.rename(&p("e"), &p("d")).is_err());
+        assert!(r.rename(&p("d"), &p("d/f/x")).is_err());
+        assert!(r.rename(&p("d"), &p("g")).is_err());
+        r.rename(&p("g"), &p("d/f")).unwrap();
+        assert_eq!(r.read(&p("d/f")).unwrap(), b"y");
+        assert!(r.node(&p("g")).is_none());
+        r.rename(&p("d"), &p("e/d")).unwrap();
+        assert_eq!(r.read(&p("e/d/f")).unwrap(), b"y");
+        r.remove(&p("e/d/f"), Kind::File).unwrap();
+        r.remove(&p("e/d"), Kind::Dir).unwrap();
+        assert!(write(&r, "e", b"z").is_err(), "a file cannot replace a dir");
+    }
+
+    #[test]
+    fn never_follows_a_symlink_in_a_path() {
+        let r = MemoryReplica::new(true);
+        r.mkdir(&p("d")).unwrap();
+        r.symlink(&p("l"), b"d", &meta(0, 1)).unwrap();
+        assert_eq!(
+            errno(write(&r, "l/f", b"x").unwrap_err()),
+            Some(Errno::LOOP.raw_os_error())
+        );
+        assert!(r.stat(&p("l/f")).is_err());
+        assert!(r.stat(&p("l")).is_ok());
+    }
+
+    #[test]
+    fn hard_links_share_content_and_renaming_onto_a_twin_does_nothing() {
+        let r = MemoryReplica::new(true);
+        write(&r, "a", b"same").unwrap();
+        r.hard_link(&p("a"), &p("b")).unwrap();
+        r.rename(&p("a"), &p("b")).unwrap();
+        assert!(r.node(&p("a")).is_some(), "POSIX: both names stay");
+        let t = r.tree();
+        assert_eq!(t[2].1.link, Some(p("a")));
+        r.set_meta(&p("b"), Kind::File, &meta(0o600, 9)).unwrap();
+        assert_eq!(r.tree()[1].1.meta.mode, 0o600);
+        assert!(r.set_meta(&p("b"), Kind::Dir, &meta(0o600, 9)).is_err());
+    }
+
+    #[test]
+    fn entry_changes_bump_the_parent_mtime() {
+        let r = MemoryReplica::new(true);
+        r.mkdir(&p("d")).unwrap();
+        r.set_meta(&p("d"), Kind::Dir, &meta(0o755, 3)).unwrap();
+        write(&r, "d/f", b"x").unwrap();
+        let t = r.tree();
+        assert_ne!(t[1].1.meta.mtime, meta(0, 3).mtime);
+    }
+}
