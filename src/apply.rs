@@ -39,6 +39,8 @@ pub struct Outcome {
     /// Operations that failed, with the replica path and the error.
     pub errors: Vec<(RelPath, String)>,
     pub interrupted: bool,
+    /// The replica's filesystem ran out of space (or quota); the run stopped there.
+    pub disk_full: bool,
 }
 
 /// Batches index updates and commits them durably from time to time.
@@ -323,17 +325,36 @@ pub fn apply(
                 }
                 Err(e) => {
                     let path = op.target().clone();
-                    let msg = describe(op, &e);
+                    let full = is_out_of_space(&e);
+                    let msg = if full {
+                        format!(
+                            "the replica's filesystem is full (writing {path}); stopped here: \
+                             free space in the replica and run again, what was done is kept"
+                        )
+                    } else {
+                        describe(op, &e)
+                    };
                     log::error!("{msg}");
                     log.error(&msg);
                     out.errors.push((path, msg));
+                    out.disk_full |= full;
                 }
             }
         }
         i = run_end;
+        // Every later write would fail the same way.
+        if out.disk_full {
+            break;
+        }
     }
     rec.flush()?;
     Ok(out)
+}
+
+fn is_out_of_space(e: &io::Error) -> bool {
+    let code = e.raw_os_error();
+    code == Some(rustix::io::Errno::NOSPC.raw_os_error())
+        || code == Some(rustix::io::Errno::DQUOT.raw_os_error())
 }
 
 fn describe(op: &Op, e: &io::Error) -> String {

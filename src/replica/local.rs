@@ -101,6 +101,101 @@ impl LocalReplica {
         })
     }
 
+    /// Runs `op`; if it is refused for lack of permission, makes the directories `dirs` writable
+    /// for their owner and runs it once more. The plan sets every directory whose entries changed
+    /// to its final mode afterwards, so a read-only directory ends read-only again.
+    fn writable<T>(
+        &self,
+        dirs: &[Option<RelPath>],
+        op: impl Fn() -> io::Result<T>,
+    ) -> io::Result<T> {
+        match op() {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::ACCESS.raw_os_error()) => {
+                for d in dirs.iter().flatten() {
+                    let fd = self.dir(d)?;
+                    let st = rfs::fstat(&fd).map_err(io_err)?;
+                    rfs::fchmod(&fd, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700))
+                        .map_err(io_err)?;
+                }
+                op()
+            }
+            other => other,
+        }
+    }
+
+    fn remove_once(&self, path: &RelPath, kind: Kind) -> io::Result<()> {
+        let (d, name) = self.parent(path)?;
+        let flags = if kind == Kind::Dir {
+            AtFlags::REMOVEDIR
+        } else {
+            AtFlags::empty()
+        };
+        match rfs::unlinkat(&d, os(&name), flags) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    fn mkdir_once(&self, path: &RelPath) -> io::Result<()> {
+        let (d, name) = self.parent(path)?;
+        match rfs::mkdirat(&d, os(&name), Mode::from_raw_mode(0o700)) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::EXIST) => {
+                let st = rfs::statat(&d, os(&name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
+                if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory {
+                    Ok(())
+                } else {
+                    Err(io::Error::from(io::ErrorKind::AlreadyExists))
+                }
+            }
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    fn symlink_once(&self, path: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()> {
+        let (d, name) = self.parent(path)?;
+        let tmp = loop {
+            let tmp = self.tmp_name();
+            match rfs::symlinkat(os(target), &d, os(&tmp)) {
+                Ok(()) => break tmp,
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => return Err(io_err(e)),
+            }
+        };
+        let result = (|| {
+            if self.owners {
+                rfs::chownat(
+                    &d,
+                    os(&tmp),
+                    Some(rustix::fs::Uid::from_raw(meta.uid)),
+                    Some(rustix::fs::Gid::from_raw(meta.gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(io_err)?;
+            }
+            rfs::utimensat(&d, os(&tmp), &times(meta), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)
+        })();
+        self.commit(&d, &tmp, &name, result)
+    }
+
+    fn hard_link_once(&self, leader: &RelPath, path: &RelPath) -> io::Result<Fingerprint> {
+        let (ld, lname) = self.parent(leader)?;
+        let (d, name) = self.parent(path)?;
+        let tmp = loop {
+            let tmp = self.tmp_name();
+            match rfs::linkat(&ld, os(&lname), &d, os(&tmp), AtFlags::empty()) {
+                Ok(()) => break tmp,
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => return Err(io_err(e)),
+            }
+        };
+        self.commit(&d, &tmp, &name, Ok(()))?;
+        // Renaming onto another link of the same inode succeeds without doing anything.
+        let _ = rfs::unlinkat(&d, os(&tmp), AtFlags::empty());
+        let st = rfs::statat(&d, os(&name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
+        Ok(fingerprint_of(&st))
+    }
+
     /// The directory holding `path`, opened beneath the root without following symlinks.
     fn parent(&self, path: &RelPath) -> io::Result<(Dir<'_>, Vec<u8>)> {
         let parent = path.parent().ok_or_else(|| {
@@ -201,11 +296,11 @@ impl LocalReplica {
     fn write_into(
         &self,
         dir: &Dir,
+        (mut f, tmp): (File, Vec<u8>),
         name: &[u8],
         meta: &Meta,
         fill: impl FnOnce(&mut File) -> io::Result<(Hash, u64)>,
     ) -> io::Result<Written> {
-        let (mut f, tmp) = self.create_tmp(dir)?;
         let result = fill(&mut f).and_then(|r| {
             self.finish_file(&f, meta)?;
             Ok(r)
@@ -237,38 +332,19 @@ impl LocalReplica {
 
 impl Replica for LocalReplica {
     fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()> {
-        let (fd, fname) = self.parent(from)?;
-        let (td, tname) = self.parent(to)?;
-        rfs::renameat(&fd, os(&fname), &td, os(&tname)).map_err(io_err)
+        self.writable(&[from.parent(), to.parent()], || {
+            let (fd, fname) = self.parent(from)?;
+            let (td, tname) = self.parent(to)?;
+            rfs::renameat(&fd, os(&fname), &td, os(&tname)).map_err(io_err)
+        })
     }
 
     fn remove(&self, path: &RelPath, kind: Kind) -> io::Result<()> {
-        let (d, name) = self.parent(path)?;
-        let flags = if kind == Kind::Dir {
-            AtFlags::REMOVEDIR
-        } else {
-            AtFlags::empty()
-        };
-        match rfs::unlinkat(&d, os(&name), flags) {
-            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-            Err(e) => Err(io_err(e)),
-        }
+        self.writable(&[path.parent()], || self.remove_once(path, kind))
     }
 
     fn mkdir(&self, path: &RelPath) -> io::Result<()> {
-        let (d, name) = self.parent(path)?;
-        match rfs::mkdirat(&d, os(&name), Mode::from_raw_mode(0o700)) {
-            Ok(()) => Ok(()),
-            Err(rustix::io::Errno::EXIST) => {
-                let st = rfs::statat(&d, os(&name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
-                if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory {
-                    Ok(())
-                } else {
-                    Err(io::Error::from(io::ErrorKind::AlreadyExists))
-                }
-            }
-            Err(e) => Err(io_err(e)),
-        }
+        self.writable(&[path.parent()], || self.mkdir_once(path))
     }
 
     fn write_file(
@@ -279,13 +355,13 @@ impl Replica for LocalReplica {
         check: Check,
     ) -> io::Result<Written> {
         let (d, name) = self.parent(path)?;
-        self.write_into(&d, &name, meta, |f| {
+        let tmp = self.writable(&[path.parent()], || self.create_tmp(&d))?;
+        self.write_into(&d, tmp, &name, meta, |f| {
             let (h, n) = hash::copy_hashing(data, f)?;
             check(&h, n)?;
             Ok((h, n))
         })
     }
-
     fn copy_file(
         &self,
         from: &RelPath,
@@ -303,16 +379,17 @@ impl Replica for LocalReplica {
         }
         let fp = fingerprint_of(&st);
         let (td, tname) = self.parent(to)?;
+        let tmp = self.writable(&[to.parent()], || self.create_tmp(&td))?;
         match trusted {
             Some((want, h)) if *want == fp => {
                 let h = *h;
-                self.write_into(&td, &tname, meta, |f| {
+                self.write_into(&td, tmp, &tname, meta, |f| {
                     let n = kernel_copy(&src, f, fp.size)?;
                     check(&h, n)?;
                     Ok((h, n))
                 })
             }
-            _ => self.write_into(&td, &tname, meta, |f| {
+            _ => self.write_into(&td, tmp, &tname, meta, |f| {
                 let (h, n) = hash::copy_hashing(&mut &src, f)?;
                 check(&h, n)?;
                 Ok((h, n))
@@ -321,47 +398,11 @@ impl Replica for LocalReplica {
     }
 
     fn symlink(&self, path: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()> {
-        let (d, name) = self.parent(path)?;
-        let tmp = loop {
-            let tmp = self.tmp_name();
-            match rfs::symlinkat(os(target), &d, os(&tmp)) {
-                Ok(()) => break tmp,
-                Err(rustix::io::Errno::EXIST) => continue,
-                Err(e) => return Err(io_err(e)),
-            }
-        };
-        let result = (|| {
-            if self.owners {
-                rfs::chownat(
-                    &d,
-                    os(&tmp),
-                    Some(rustix::fs::Uid::from_raw(meta.uid)),
-                    Some(rustix::fs::Gid::from_raw(meta.gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(io_err)?;
-            }
-            rfs::utimensat(&d, os(&tmp), &times(meta), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)
-        })();
-        self.commit(&d, &tmp, &name, result)
+        self.writable(&[path.parent()], || self.symlink_once(path, target, meta))
     }
 
     fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<Fingerprint> {
-        let (ld, lname) = self.parent(leader)?;
-        let (d, name) = self.parent(path)?;
-        let tmp = loop {
-            let tmp = self.tmp_name();
-            match rfs::linkat(&ld, os(&lname), &d, os(&tmp), AtFlags::empty()) {
-                Ok(()) => break tmp,
-                Err(rustix::io::Errno::EXIST) => continue,
-                Err(e) => return Err(io_err(e)),
-            }
-        };
-        self.commit(&d, &tmp, &name, Ok(()))?;
-        // Renaming onto another link of the same inode succeeds without doing anything.
-        let _ = rfs::unlinkat(&d, os(&tmp), AtFlags::empty());
-        let st = rfs::statat(&d, os(&name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
-        Ok(fingerprint_of(&st))
+        self.writable(&[path.parent()], || self.hard_link_once(leader, path))
     }
 
     fn set_meta(&self, path: &RelPath, kind: Kind, meta: &Meta) -> io::Result<()> {
