@@ -484,3 +484,55 @@ pub fn fingerprint(md: &Metadata) -> Fingerprint {
         dev: md.dev(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Names built from the bytes that sort around '/' (0x2f): '-' '.' '0' and 'a', plus one
+    /// byte that is not UTF-8.
+    fn name() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            prop_oneof![Just(b'-'), Just(b'.'), Just(b'0'), Just(b'a'), Just(0xe9u8)],
+            1..4,
+        )
+        .prop_filter("not . or ..", |n| n != b"." && n != b"..")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn walk_emits_exactly_the_tree_in_canonical_order(
+            paths in proptest::collection::vec((name(), name(), any::<bool>()), 1..30)
+        ) {
+            use std::os::unix::ffi::OsStrExt;
+            let tmp = tempfile::tempdir().unwrap();
+            let root = tmp.path();
+            let mut want = vec![RelPath::root()];
+            for (a, b, nested) in &paths {
+                let dir = root.join(std::ffi::OsStr::from_bytes(a));
+                if dir.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+                    continue;
+                }
+                std::fs::create_dir_all(&dir).unwrap();
+                want.push(RelPath::from_bytes(a).unwrap());
+                if *nested {
+                    let f = dir.join(std::ffi::OsStr::from_bytes(b));
+                    if f.symlink_metadata().is_err() {
+                        std::fs::write(&f, b"x").unwrap();
+                    }
+                    let mut p = a.clone();
+                    p.push(b'/');
+                    p.extend_from_slice(b);
+                    want.push(RelPath::from_bytes(&p).unwrap());
+                }
+            }
+            want.sort();
+            want.dedup();
+            let tree = walk(root, Side::Source);
+            let got: Vec<RelPath> = tree.entries.iter().map(|(p, _)| p.clone()).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+}
