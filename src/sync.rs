@@ -226,6 +226,11 @@ impl Session {
         })
     }
 
+    /// Writes an error line to the operation log.
+    pub fn log_error(&mut self, msg: &str) {
+        self.log.error(msg);
+    }
+
     /// One full pass: after it, the replica mirrors the source as scanned, except for the paths
     /// reported as errors.
     pub fn sync(&mut self, stop: &AtomicBool) -> Result<Report> {

@@ -1,11 +1,13 @@
 //! `watch`: a sync, a pause, and again, until Ctrl-C or SIGTERM. The index stays open (and the
-//! replica locked) for the whole run; a pass that fails on some paths does not end the loop.
+//! replica locked) for the whole run. A pass that fails on some paths, or that a guard rail
+//! refuses (an emptied source, too many deletions), does not end the loop: it is reported and
+//! the next pass tries again. Only a fatal error (a damaged index) ends it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::sync::{Report, Session};
 
 /// Runs passes until `stop` is set; `each` sees every pass's report. Returns the number of
@@ -15,11 +17,20 @@ pub fn watch(cfg: &Config, stop: &AtomicBool, mut each: impl FnMut(&Report)) -> 
     let mut failed = 0;
     loop {
         let started = Instant::now();
-        let report = session.sync(stop)?;
-        if report.error_count() > 0 {
-            failed += 1;
+        match session.sync(stop) {
+            Ok(report) => {
+                if report.error_count() > 0 {
+                    failed += 1;
+                }
+                each(&report);
+            }
+            Err(Error::Refused { msg }) => {
+                failed += 1;
+                log::error!("{msg}; this pass changed nothing, watching on");
+                session.log_error(&msg);
+            }
+            Err(e) => return Err(e),
         }
-        each(&report);
         if stop.load(Ordering::Relaxed) {
             return Ok(failed);
         }

@@ -1728,3 +1728,55 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn watch_keeps_going_when_a_guard_rail_refuses_a_pass() {
+    let fx = Fixture::default();
+    make_tree(&fx.src, 10);
+    fx.sync().code(0);
+    let before = snapshot(&fx.dst);
+    // The source "unmounts": an empty directory where the tree was.
+    let away = fx.root.join("src.away");
+    fs::rename(&fx.src, &away).unwrap();
+    fs::create_dir(&fx.src).unwrap();
+
+    let mut cmd = fx.std_cmd();
+    cmd.arg("watch")
+        .arg(&fx.src)
+        .arg(&fx.dst)
+        .args(["--interval", "200ms"]);
+    let mut watch = Background::spawn(cmd, &fx.root.join("watch.stderr"));
+    assert!(
+        wait_until(Duration::from_secs(10), || watch
+            .stderr()
+            .contains("--allow-empty-source")),
+        "no refusal reported; stderr: {}",
+        watch.stderr()
+    );
+    sleep(Duration::from_millis(600));
+    assert!(
+        watch.try_status().is_none(),
+        "watch exited: {}",
+        watch.stderr()
+    );
+    assert_unchanged(&before, &snapshot(&fx.dst), "refused watch passes");
+
+    // The source comes back, with one more file: the next pass syncs it.
+    fs::remove_dir(&fx.src).unwrap();
+    fs::rename(&away, &fx.src).unwrap();
+    write(&fx.src.join("back.txt"), "back\n");
+    assert!(
+        wait_until(Duration::from_secs(10), || is_mirror(&fx.src, &fx.dst)),
+        "watch never synced after the source came back; stderr: {}",
+        watch.stderr()
+    );
+    watch.signal(Signal::TERM);
+    let st = watch
+        .wait_timeout(Duration::from_secs(10))
+        .expect("watch stops on SIGTERM");
+    assert_eq!(
+        st.code(),
+        Some(3),
+        "refused passes make the watch partial: {st}"
+    );
+}
