@@ -28,8 +28,6 @@ use crate::scan::{fingerprint, meta_of, open_nofollow, vanished};
 
 pub const BATCH_OPS: usize = 4096;
 pub const BATCH_TIME: Duration = Duration::from_secs(2);
-/// Writes from the source run in parallel, this many at a time between records.
-const WRITE_CHUNK: usize = 256;
 
 /// What applying a plan did.
 #[derive(Debug, Default)]
@@ -291,64 +289,102 @@ pub fn apply(
             out.interrupted = true;
             break;
         }
-        // Runs of writes from the source go in parallel; everything else in order.
-        let run_end = if matches!(ops[i], Op::Write { .. }) {
-            let n = ops[i..]
-                .iter()
-                .take(WRITE_CHUNK)
-                .take_while(|o| matches!(o, Op::Write { .. }))
-                .count();
-            i + n
-        } else {
-            i + 1
-        };
-        let results: Vec<OpResult> = if run_end - i > 1 {
-            ops[i..run_end].par_iter().map(|op| ctx.run(op)).collect()
-        } else {
-            vec![ctx.run(&ops[i])]
-        };
-        for (op, res) in ops[i..run_end].iter().zip(results) {
-            match res {
-                Ok((updates, bytes)) => {
-                    out.ops_done += 1;
-                    if kill_after == Some(out.ops_done) {
-                        let _ = rustix::process::kill_process(
-                            rustix::process::getpid(),
-                            rustix::process::Signal::KILL,
-                        );
+        if !matches!(ops[i], Op::Write { .. }) {
+            let res = ctx.run(&ops[i]);
+            out.finish(&ops[i], res, rec, log, kill_after)?;
+            i += 1;
+            if out.disk_full {
+                break;
+            }
+            continue;
+        }
+        // A run of writes from the source: copied on the rayon pool while this thread records
+        // and logs each result as it arrives.
+        let n = ops[i..]
+            .iter()
+            .take_while(|o| matches!(o, Op::Write { .. }))
+            .count();
+        let run = &ops[i..i + n];
+        let halt = AtomicBool::new(false);
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, OpResult)>();
+        let recorded: Result<()> = std::thread::scope(|s| {
+            let (ctx, halt) = (&ctx, &halt);
+            s.spawn(move || {
+                run.par_iter().enumerate().for_each_with(tx, |tx, (k, op)| {
+                    if !halt.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+                        let _ = tx.send((k, ctx.run(op)));
                     }
-                    out.bytes_written += bytes;
-                    log.op(op);
-                    for u in updates {
-                        rec.push(u)?;
-                    }
+                });
+            });
+            for (k, res) in rx {
+                if let Err(e) = out.finish(&run[k], res, rec, log, kill_after) {
+                    halt.store(true, Ordering::Relaxed);
+                    return Err(e);
                 }
-                Err(e) => {
-                    let path = op.target().clone();
-                    let full = is_out_of_space(&e);
-                    let msg = if full {
-                        format!(
-                            "the replica's filesystem is full (writing {path}); stopped here: \
-                             free space in the replica and run again, what was done is kept"
-                        )
-                    } else {
-                        describe(op, &e)
-                    };
-                    log::error!("{msg}");
-                    log.error(&msg);
-                    out.errors.push((path, msg));
-                    out.disk_full |= full;
+                // Every later write would fail the same way.
+                if out.disk_full {
+                    halt.store(true, Ordering::Relaxed);
                 }
             }
+            Ok(())
+        });
+        recorded?;
+        i += n;
+        if stop.load(Ordering::Relaxed) {
+            out.interrupted = true;
         }
-        i = run_end;
-        // Every later write would fail the same way.
-        if out.disk_full {
+        if out.disk_full || out.interrupted {
             break;
         }
     }
     rec.flush()?;
     Ok(out)
+}
+
+impl Outcome {
+    /// Accounts for one finished operation: records and logs it, or reports its error.
+    fn finish(
+        &mut self,
+        op: &Op,
+        res: OpResult,
+        rec: &mut Recorder,
+        log: &mut OpLog,
+        kill_after: Option<u64>,
+    ) -> Result<()> {
+        match res {
+            Ok((updates, bytes)) => {
+                self.ops_done += 1;
+                if kill_after == Some(self.ops_done) {
+                    let _ = rustix::process::kill_process(
+                        rustix::process::getpid(),
+                        rustix::process::Signal::KILL,
+                    );
+                }
+                self.bytes_written += bytes;
+                log.op(op);
+                for u in updates {
+                    rec.push(u)?;
+                }
+            }
+            Err(e) => {
+                let path = op.target().clone();
+                let full = is_out_of_space(&e);
+                let msg = if full {
+                    format!(
+                        "the replica's filesystem is full (writing {path}); stopped here: \
+                         free space in the replica and run again, what was done is kept"
+                    )
+                } else {
+                    describe(op, &e)
+                };
+                log::error!("{msg}");
+                log.error(&msg);
+                self.errors.push((path, msg));
+                self.disk_full |= full;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn is_out_of_space(e: &io::Error) -> bool {
