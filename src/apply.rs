@@ -41,11 +41,13 @@ pub struct Outcome {
     pub disk_full: bool,
 }
 
-/// Batches index updates and commits them durably from time to time.
+/// Batches index updates and commits them durably from time to time. A failed commit (a full
+/// disk under the index) is kept in `failed`; the apply loop stops when it sees one.
 pub struct Recorder<'a> {
     index: Option<&'a Index>,
     pending: Vec<Update>,
     last: Instant,
+    pub failed: Option<crate::error::Error>,
 }
 
 impl<'a> Recorder<'a> {
@@ -54,24 +56,28 @@ impl<'a> Recorder<'a> {
             index,
             pending: Vec::new(),
             last: Instant::now(),
+            failed: None,
         }
     }
 
-    pub fn push(&mut self, u: Update) -> Result<()> {
+    pub fn push(&mut self, u: Update) {
+        if self.failed.is_some() {
+            return;
+        }
         self.pending.push(u);
         if self.pending.len() >= BATCH_OPS || self.last.elapsed() >= BATCH_TIME {
-            self.flush()?;
+            self.flush();
         }
-        Ok(())
     }
 
-    pub fn flush(&mut self) -> Result<()> {
-        if let Some(index) = self.index {
-            index.commit(&self.pending)?;
+    pub fn flush(&mut self) {
+        if let (Some(index), None) = (self.index, &self.failed)
+            && let Err(e) = index.commit(&self.pending)
+        {
+            self.failed = Some(e);
         }
         self.pending.clear();
         self.last = Instant::now();
-        Ok(())
     }
 }
 
@@ -95,6 +101,8 @@ fn written(src: &Entry, content: Content, fp: crate::entry::Fingerprint) -> Entr
 struct Ctx<'a> {
     replica: &'a dyn Replica,
     source: &'a Path,
+    /// Staging names whose `Stage` failed: their node never left its place.
+    unstaged: std::sync::Mutex<std::collections::HashSet<RelPath>>,
 }
 
 /// The result of one operation: index updates, bytes copied.
@@ -105,7 +113,13 @@ impl Ctx<'_> {
         let r = self.replica;
         match op {
             Op::Stage { from, tmp } => {
-                r.rename(from, tmp)?;
+                if let Err(e) = r.rename(from, tmp) {
+                    self.unstaged
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(tmp.clone());
+                    return Err(e);
+                }
                 Ok((
                     vec![Update::Move(Table::Replica, from.clone(), tmp.clone())],
                     0,
@@ -119,8 +133,23 @@ impl Ctx<'_> {
                 r.mkdir(path)?;
                 Ok((Vec::new(), 0))
             }
-            Op::Rename { tmp, to, src, .. } => {
-                r.rename(tmp, to)?;
+            Op::Rename { tmp, orig, to, src } => {
+                if self.unstaged.lock().expect("not poisoned").contains(tmp) {
+                    // The node could not be moved aside; a file can still come from the source.
+                    return match src.kind() {
+                        Kind::File => self.write(to, src),
+                        _ => Err(io::Error::other(format!("{orig} could not be moved aside"))),
+                    };
+                }
+                if let Err(e) = r.rename(tmp, to) {
+                    // A staged node's old place is gone by now. A staged file is dropped (the
+                    // source has its bytes); a directory stays staged and the next sync reuses or
+                    // removes it.
+                    if !src.is_dir() {
+                        let _ = r.remove(tmp, Kind::File);
+                    }
+                    return Err(e);
+                }
                 let mut u = vec![Update::Move(Table::Replica, tmp.clone(), to.clone())];
                 if !src.is_dir() {
                     let fp = r.stat(to)?;
@@ -279,7 +308,11 @@ pub fn apply(
     log: &mut OpLog,
     stop: &AtomicBool,
 ) -> Result<Outcome> {
-    let ctx = Ctx { replica, source };
+    let ctx = Ctx {
+        replica,
+        source,
+        unstaged: Default::default(),
+    };
     let kill_after = fault_kill_after();
     let mut out = Outcome::default();
     let ops = &plan.ops;
@@ -293,7 +326,7 @@ pub fn apply(
             let res = ctx.run(&ops[i]);
             out.finish(&ops[i], res, rec, log, kill_after)?;
             i += 1;
-            if out.disk_full {
+            if out.disk_full || rec.failed.is_some() {
                 break;
             }
             continue;
@@ -322,7 +355,7 @@ pub fn apply(
                     return Err(e);
                 }
                 // Every later write would fail the same way.
-                if out.disk_full {
+                if out.disk_full || rec.failed.is_some() {
                     halt.store(true, Ordering::Relaxed);
                 }
             }
@@ -333,11 +366,18 @@ pub fn apply(
         if stop.load(Ordering::Relaxed) {
             out.interrupted = true;
         }
-        if out.disk_full || out.interrupted {
+        if out.disk_full || out.interrupted || rec.failed.is_some() {
             break;
         }
     }
-    rec.flush()?;
+    rec.flush();
+    if let Some(e) = rec.failed.take() {
+        let msg = e.to_string();
+        log::error!("{msg}");
+        log.error(&msg);
+        out.disk_full |= matches!(e, crate::error::Error::IndexFull { .. });
+        out.errors.push((RelPath::root(), msg));
+    }
     Ok(out)
 }
 
@@ -363,7 +403,7 @@ impl Outcome {
                 self.bytes_written += bytes;
                 log.op(op);
                 for u in updates {
-                    rec.push(u)?;
+                    rec.push(u);
                 }
             }
             Err(e) => {
@@ -377,9 +417,12 @@ impl Outcome {
                 } else {
                     describe(op, &e)
                 };
-                log::error!("{msg}");
-                log.error(&msg);
-                self.errors.push((path, msg));
+                // One message for a full disk, however many writes were under way.
+                if !(full && self.disk_full) {
+                    log::error!("{msg}");
+                    log.error(&msg);
+                    self.errors.push((path, msg));
+                }
                 self.disk_full |= full;
             }
         }

@@ -27,10 +27,22 @@ pub enum Error {
     IndexLocked { path: PathBuf },
 
     #[error(
-        "the index {path} cannot be read ({why}); run the same command with --reindex to \
-         rebuild it from the two trees, or delete the file"
+        "the index {path} cannot be read ({why}); rebuild it from the two trees with \
+         `dirsync sync --reindex SRC DST`, or delete the file"
     )]
     IndexDamaged { path: PathBuf, why: String },
+
+    #[error(
+        "the index {path} cannot be written: no space left on the filesystem holding it; free \
+         space there and run again (what was already synced stays in place)"
+    )]
+    IndexFull { path: PathBuf },
+
+    #[error(
+        "{path} is a database of another program, not a dirsync index; nothing was written to it; \
+         pass another --index path"
+    )]
+    NotAnIndex { path: PathBuf },
 
     #[error(
         "the index {path} was made for source {recorded}, not {given}; pass --index to use \

@@ -77,20 +77,68 @@ fn builder() -> redb::Builder {
     b
 }
 
+/// Maps any redb error to the user's terms: a full disk, another I/O failure, a lock, or a
+/// damaged file.
+fn ierr(path: &Path, e: impl Into<redb::Error>) -> Error {
+    match e.into() {
+        redb::Error::Io(io) => io_failure(path, io),
+        redb::Error::DatabaseAlreadyOpen => Error::IndexLocked {
+            path: path.to_path_buf(),
+        },
+        other => damaged(path, other),
+    }
+}
+
+fn io_failure(path: &Path, io: std::io::Error) -> Error {
+    let code = io.raw_os_error();
+    if code == Some(rustix::io::Errno::NOSPC.raw_os_error())
+        || code == Some(rustix::io::Errno::DQUOT.raw_os_error())
+    {
+        return Error::IndexFull {
+            path: path.to_path_buf(),
+        };
+    }
+    match io.kind() {
+        // What redb reports for a file that is not a redb database, or a cut-off one.
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => damaged(path, io),
+        _ => Error::io(path, io),
+    }
+}
+
+/// Runs an index operation, turning a panic inside redb (which some damaged files cause) into
+/// a damaged-index error. The default panic message is not printed.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    use std::panic;
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| {
+        let default = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if !IN_INDEX.with(|c| c.get()) {
+                default(info);
+            }
+        }));
+    });
+    IN_INDEX.with(|c| c.set(true));
+    let r = panic::catch_unwind(panic::AssertUnwindSafe(f));
+    IN_INDEX.with(|c| c.set(false));
+    r.unwrap_or_else(|p| {
+        let why = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "its structure is inconsistent".into());
+        Err(damaged(path, format!("internal inconsistency: {why}")))
+    })
+}
+
+thread_local! {
+    static IN_INDEX: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn damaged(path: &Path, why: impl std::fmt::Display) -> Error {
     Error::IndexDamaged {
         path: path.to_path_buf(),
         why: why.to_string(),
-    }
-}
-
-fn open_error(path: &Path, e: DatabaseError) -> Error {
-    match e {
-        DatabaseError::DatabaseAlreadyOpen => Error::IndexLocked {
-            path: path.to_path_buf(),
-        },
-        DatabaseError::Storage(redb::StorageError::Io(io)) => Error::io(path, io),
-        other => damaged(path, other),
     }
 }
 
@@ -101,35 +149,50 @@ impl Index {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        let db = match builder().create(path) {
-            Ok(db) => db,
-            Err(DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(Error::IndexLocked {
-                    path: path.to_path_buf(),
-                });
-            }
-            Err(e) if reindex => {
-                log::warn!("discarding unreadable index {}: {e}", path.display());
+        let first = guarded(path, || {
+            let db = builder().create(path).map_err(|e| ierr(path, e))?;
+            let index = Index {
+                db,
+                path: path.to_path_buf(),
+            };
+            index.init(roots, reindex)?;
+            Ok(index)
+        });
+        match first {
+            Err(Error::IndexDamaged { .. }) if reindex => {
+                log::warn!("discarding the unreadable index {}", path.display());
                 std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
-                builder().create(path).map_err(|e| open_error(path, e))?
+                guarded(path, || {
+                    let db = builder().create(path).map_err(|e| ierr(path, e))?;
+                    let index = Index {
+                        db,
+                        path: path.to_path_buf(),
+                    };
+                    index.init(roots, true)?;
+                    Ok(index)
+                })
             }
-            Err(e) => return Err(open_error(path, e)),
-        };
-        let index = Index {
-            db,
-            path: path.to_path_buf(),
-        };
-        index.init(roots, reindex)?;
-        Ok(index)
+            other => other,
+        }
     }
 
     fn init(&self, roots: &Roots, reset: bool) -> Result<()> {
         let p = &self.path;
-        let tx = self.db.begin_write().map_err(|e| damaged(p, e))?;
+        let tx = self.db.begin_write().map_err(|e| ierr(p, e))?;
         {
-            let meta = tx.open_table(META).map_err(|e| damaged(p, e))?;
-            let schema = meta.get("schema").map_err(|e| damaged(p, e))?;
+            let meta = tx.open_table(META).map_err(|e| ierr(p, e))?;
+            let schema = meta.get("schema").map_err(|e| ierr(p, e))?;
             let fresh = schema.is_none();
+            if fresh {
+                let ours = ["meta", "source", "replica"];
+                let foreign = tx
+                    .list_tables()
+                    .map_err(|e| ierr(p, e))?
+                    .any(|t| !ours.contains(&redb::TableHandle::name(&t)));
+                if foreign {
+                    return Err(Error::NotAnIndex { path: p.clone() });
+                }
+            }
             if let Some(v) = schema {
                 let v = v.value();
                 let version = <[u8; 4]>::try_from(v).map(u32::from_le_bytes).ok();
@@ -144,7 +207,7 @@ impl Index {
             }
             let source = roots.source.as_os_str().as_encoded_bytes();
             if !fresh && !reset {
-                let recorded = meta.get("source").map_err(|e| damaged(p, e))?;
+                let recorded = meta.get("source").map_err(|e| ierr(p, e))?;
                 let recorded = recorded.map(|v| v.value().to_vec()).unwrap_or_default();
                 if recorded != source {
                     return Err(Error::IndexMismatch {
@@ -157,23 +220,23 @@ impl Index {
         }
         if reset {
             for t in [SOURCE, REPLICA] {
-                tx.delete_table(t).map_err(|e| damaged(p, e))?;
+                tx.delete_table(t).map_err(|e| ierr(p, e))?;
             }
         }
         {
-            let mut meta = tx.open_table(META).map_err(|e| damaged(p, e))?;
+            let mut meta = tx.open_table(META).map_err(|e| ierr(p, e))?;
             let replica = roots.replica.as_os_str().as_encoded_bytes();
             let source = roots.source.as_os_str().as_encoded_bytes();
             let ins = |m: &mut redb::Table<&str, &[u8]>, k: &str, v: &[u8]| {
-                m.insert(k, v).map(|_| ()).map_err(|e| damaged(p, e))
+                m.insert(k, v).map(|_| ()).map_err(|e| ierr(p, e))
             };
             ins(&mut meta, "schema", &SCHEMA.to_le_bytes())?;
             ins(&mut meta, "source", source)?;
             ins(&mut meta, "replica", replica)?;
         }
-        tx.open_table(SOURCE).map_err(|e| damaged(p, e))?;
-        tx.open_table(REPLICA).map_err(|e| damaged(p, e))?;
-        tx.commit().map_err(|e| damaged(p, e))?;
+        tx.open_table(SOURCE).map_err(|e| ierr(p, e))?;
+        tx.open_table(REPLICA).map_err(|e| ierr(p, e))?;
+        tx.commit().map_err(|e| ierr(p, e))?;
         Ok(())
     }
 
@@ -183,8 +246,10 @@ impl Index {
 
     /// Reads one recorded tree, in canonical order.
     pub fn load(&self, table: Table) -> Result<Vec<(RelPath, Entry)>> {
-        let tx = self.db.begin_read().map_err(|e| damaged(&self.path, e))?;
-        load_from(&self.path, &tx, table)
+        guarded(&self.path, || {
+            let tx = self.db.begin_read().map_err(|e| ierr(&self.path, e))?;
+            load_from(&self.path, &tx, table)
+        })
     }
 
     /// See [`merge_from`].
@@ -194,8 +259,10 @@ impl Index {
         entries: &mut [(RelPath, Entry)],
         matched: &mut dyn FnMut(&mut Entry, &Entry) -> bool,
     ) -> Result<Vec<(RelPath, Entry)>> {
-        let tx = self.db.begin_read().map_err(|e| damaged(&self.path, e))?;
-        merge_from(&self.path, &tx, table, entries, matched)
+        guarded(&self.path, || {
+            let tx = self.db.begin_read().map_err(|e| ierr(&self.path, e))?;
+            merge_from(&self.path, &tx, table, entries, matched)
+        })
     }
 
     /// Applies a batch of updates in one durable transaction.
@@ -203,13 +270,17 @@ impl Index {
         if updates.is_empty() {
             return Ok(());
         }
+        guarded(&self.path, || self.commit_unguarded(updates))
+    }
+
+    fn commit_unguarded(&self, updates: &[Update]) -> Result<()> {
         let p = &self.path;
-        let mut tx = self.db.begin_write().map_err(|e| damaged(p, e))?;
+        let mut tx = self.db.begin_write().map_err(|e| ierr(p, e))?;
         tx.set_durability(Durability::Immediate)
-            .map_err(|e| damaged(p, e))?;
+            .map_err(|e| ierr(p, e))?;
         {
-            let mut src = tx.open_table(SOURCE).map_err(|e| damaged(p, e))?;
-            let mut dst = tx.open_table(REPLICA).map_err(|e| damaged(p, e))?;
+            let mut src = tx.open_table(SOURCE).map_err(|e| ierr(p, e))?;
+            let mut dst = tx.open_table(REPLICA).map_err(|e| ierr(p, e))?;
             for u in updates {
                 let table = match u {
                     Update::Put(t, ..)
@@ -221,10 +292,10 @@ impl Index {
                     Table::Source => &mut src,
                     Table::Replica => &mut dst,
                 };
-                apply_update(tbl, u).map_err(|e| damaged(p, e))?;
+                apply_update(tbl, u).map_err(|e| ierr(p, e))?;
             }
         }
-        tx.commit().map_err(|e| damaged(p, e))?;
+        tx.commit().map_err(|e| ierr(p, e))?;
         Ok(())
     }
 }
@@ -304,8 +375,8 @@ fn load_from(path: &Path, tx: &ReadTransaction, table: Table) -> Result<Vec<(Rel
         Err(e) => return Err(damaged(path, e)),
     };
     let mut out = Vec::with_capacity(tbl.len().unwrap_or(0) as usize);
-    for item in tbl.iter().map_err(|e| damaged(path, e))? {
-        let (k, v) = item.map_err(|e| damaged(path, e))?;
+    for item in tbl.iter().map_err(|e| ierr(path, e))? {
+        let (k, v) = item.map_err(|e| ierr(path, e))?;
         let rel = RelPath::from_bytes(k.value()).map_err(|e| damaged(path, e))?;
         let entry: Entry = postcard::from_bytes(v.value())
             .map_err(|e| damaged(path, format!("entry {rel}: {e}")))?;
@@ -334,8 +405,8 @@ fn merge_from(
     };
     let mut stale = Vec::new();
     let mut i = 0;
-    for item in tbl.iter().map_err(|e| damaged(path, e))? {
-        let (k, v) = item.map_err(|e| damaged(path, e))?;
+    for item in tbl.iter().map_err(|e| ierr(path, e))? {
+        let (k, v) = item.map_err(|e| ierr(path, e))?;
         let key = k.value();
         while i < entries.len() && entries[i].0.as_bytes() < key {
             i += 1;
@@ -357,6 +428,38 @@ fn merge_from(
     Ok(stale)
 }
 
+/// Checks a read-only index's schema and source, as `Index::init` does for a writer.
+fn check_read_only(path: &Path, db: &redb::ReadOnlyDatabase, roots: &Roots) -> Result<()> {
+    let tx = db.begin_read().map_err(|e| ierr(path, e))?;
+    let meta = match tx.open_table(META) {
+        Ok(m) => m,
+        Err(redb::TableError::TableDoesNotExist(_)) => {
+            let tables = tx.list_tables().map_err(|e| ierr(path, e))?;
+            if tables.count() > 0 {
+                return Err(Error::NotAnIndex {
+                    path: path.to_path_buf(),
+                });
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(ierr(path, e)),
+    };
+    let schema = meta.get("schema").map_err(|e| ierr(path, e))?;
+    if schema.map(|v| v.value().to_vec()) != Some(SCHEMA.to_le_bytes().to_vec()) {
+        return Err(damaged(path, "it was written with another index schema"));
+    }
+    let source = meta.get("source").map_err(|e| ierr(path, e))?;
+    let recorded = source.map(|v| v.value().to_vec()).unwrap_or_default();
+    if recorded != roots.source.as_os_str().as_encoded_bytes() {
+        return Err(Error::IndexMismatch {
+            path: path.to_path_buf(),
+            recorded: String::from_utf8_lossy(&recorded).into_owned(),
+            given: roots.source.display().to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// A read-only view of an index, for commands that must not write (`status`). A missing index
 /// reads as empty.
 pub struct ReadIndex {
@@ -365,39 +468,32 @@ pub struct ReadIndex {
 }
 
 impl ReadIndex {
+    /// Opens the index read-only. A missing or empty file (a crash right after it was created)
+    /// reads as an index with nothing recorded, as `sync` would treat it.
     pub fn open(path: &Path, roots: &Roots) -> Result<ReadIndex> {
-        if !path.exists() {
+        let empty = match std::fs::metadata(path) {
+            Ok(md) => md.len() == 0,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        if empty {
             return Ok(ReadIndex {
                 path: path.to_path_buf(),
                 db: None,
             });
         }
-        let db = builder().open_read_only(path).map_err(|e| match e {
-            DatabaseError::RepairAborted => {
-                damaged(path, "it needs a repair; run `dirsync sync` once")
-            }
-            other => open_error(path, other),
-        })?;
-        let tx = db.begin_read().map_err(|e| damaged(path, e))?;
-        if let Ok(meta) = tx.open_table(META) {
-            let source = meta.get("source").map_err(|e| damaged(path, e))?;
-            let schema = meta.get("schema").map_err(|e| damaged(path, e))?;
-            if schema.map(|v| v.value().to_vec()) != Some(SCHEMA.to_le_bytes().to_vec()) {
-                return Err(damaged(path, "it was written with another index schema"));
-            }
-            let recorded = source.map(|v| v.value().to_vec()).unwrap_or_default();
-            if recorded != roots.source.as_os_str().as_encoded_bytes() {
-                return Err(Error::IndexMismatch {
-                    path: path.to_path_buf(),
-                    recorded: String::from_utf8_lossy(&recorded).into_owned(),
-                    given: roots.source.display().to_string(),
-                });
-            }
-        }
-        drop(tx);
-        Ok(ReadIndex {
-            path: path.to_path_buf(),
-            db: Some(db),
+        guarded(path, || {
+            let db = builder().open_read_only(path).map_err(|e| match e {
+                DatabaseError::RepairAborted => {
+                    damaged(path, "it needs a repair; run `dirsync sync` once")
+                }
+                other => ierr(path, other),
+            })?;
+            check_read_only(path, &db, roots)?;
+            Ok(ReadIndex {
+                path: path.to_path_buf(),
+                db: Some(db),
+            })
         })
     }
 
@@ -410,10 +506,10 @@ impl ReadIndex {
     ) -> Result<Vec<(RelPath, Entry)>> {
         match &self.db {
             None => Ok(Vec::new()),
-            Some(db) => {
-                let tx = db.begin_read().map_err(|e| damaged(&self.path, e))?;
+            Some(db) => guarded(&self.path, || {
+                let tx = db.begin_read().map_err(|e| ierr(&self.path, e))?;
                 merge_from(&self.path, &tx, table, entries, matched)
-            }
+            }),
         }
     }
 }

@@ -249,7 +249,7 @@ impl Session {
 
         let mut rec = Recorder::new(Some(&self.index));
         for u in learned {
-            rec.push(u)?;
+            rec.push(u);
         }
         log::debug!("scan recorded in {:?}", start.elapsed());
         let replica =
