@@ -1780,3 +1780,43 @@ fn watch_keeps_going_when_a_guard_rail_refuses_a_pass() {
         "refused passes make the watch partial: {st}"
     );
 }
+
+#[test]
+fn index_and_log_file_inside_a_tree_are_refused_and_nothing_changes() {
+    let fx = Fixture::default();
+    make_tree(&fx.src, 5);
+    fx.sync().code(0);
+    let (src_before, dst_before) = (snapshot(&fx.src), snapshot(&fx.dst));
+    let cases = [
+        ("--index", fx.src.join("idx.redb"), "source"),
+        ("--index", fx.dst.join("sub/idx.redb"), "replica"),
+        ("--log-file", fx.src.join("sync.log"), "source"),
+        ("--log-file", fx.dst.join("sync.log"), "replica"),
+    ];
+    for (flag, path, tree) in cases {
+        for cmd in ["sync", "status", "watch"] {
+            let out = fx
+                .std_cmd()
+                .arg(cmd)
+                .arg(&fx.src)
+                .arg(&fx.dst)
+                .arg(flag)
+                .arg(&path)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{cmd} {flag} {}: {stderr}",
+                path.display()
+            );
+            assert!(
+                stderr.contains(&path.display().to_string()) && stderr.contains(tree),
+                "{cmd} {flag}: the message names the file and the tree: {stderr}"
+            );
+        }
+    }
+    assert_unchanged(&src_before, &snapshot(&fx.src), "source");
+    assert_unchanged(&dst_before, &snapshot(&fx.dst), "replica");
+}
