@@ -149,28 +149,22 @@ impl Index {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        let first = guarded(path, || {
-            let db = builder().create(path).map_err(|e| ierr(path, e))?;
-            let index = Index {
-                db,
-                path: path.to_path_buf(),
-            };
-            index.init(roots, reindex)?;
-            Ok(index)
-        });
-        match first {
+        let open = || {
+            guarded(path, || {
+                let db = builder().create(path).map_err(|e| ierr(path, e))?;
+                let index = Index {
+                    db,
+                    path: path.to_path_buf(),
+                };
+                index.init(roots, reindex)?;
+                Ok(index)
+            })
+        };
+        match open() {
             Err(Error::IndexDamaged { .. }) if reindex => {
                 log::warn!("discarding the unreadable index {}", path.display());
                 std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
-                guarded(path, || {
-                    let db = builder().create(path).map_err(|e| ierr(path, e))?;
-                    let index = Index {
-                        db,
-                        path: path.to_path_buf(),
-                    };
-                    index.init(roots, true)?;
-                    Ok(index)
-                })
+                open()
             }
             other => other,
         }
@@ -179,7 +173,7 @@ impl Index {
     fn init(&self, roots: &Roots, reset: bool) -> Result<()> {
         let p = &self.path;
         let tx = self.db.begin_write().map_err(|e| ierr(p, e))?;
-        {
+        let fresh = {
             let meta = tx.open_table(META).map_err(|e| ierr(p, e))?;
             let schema = meta.get("schema").map_err(|e| ierr(p, e))?;
             let fresh = schema.is_none();
@@ -217,6 +211,13 @@ impl Index {
                     });
                 }
             }
+            fresh
+        };
+        // An index in use is only read here: opening it writes nothing, so a full disk under
+        // the index does not stop a sync before it starts.
+        if !fresh && !reset {
+            tx.abort().map_err(|e| ierr(p, e))?;
+            return Ok(());
         }
         if reset {
             for t in [SOURCE, REPLICA] {
