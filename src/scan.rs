@@ -47,9 +47,8 @@ pub struct Tree {
     /// Special files (FIFOs, sockets, devices) skipped in the source.
     pub specials: Vec<RelPath>,
     pub problems: Vec<Problem>,
-    /// The device of the root, and the racy window of its filesystem (see [`racy_window`]).
-    pub root_dev: u64,
-    pub root_window_ns: i128,
+    /// The racy windows that apply to this tree's entries.
+    pub windows: Windows,
     /// How many files were read to hash them, and their bytes.
     pub hashed_files: u64,
     pub hashed_bytes: u64,
@@ -93,8 +92,10 @@ pub fn walk(root: &Path, side: Side) -> Tree {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     match rfs::open(root, flags, Mode::empty()).and_then(|fd| rfs::fstat(&fd).map(|st| (fd, st))) {
         Ok((fd, st)) => {
-            w.tree.root_dev = st.st_dev;
-            w.tree.root_window_ns = racy_window(&fd);
+            w.tree.windows = Windows {
+                root_dev: st.st_dev,
+                root_ns: racy_window(&fd),
+            };
             w.push(RelPath::root(), Content::Dir { tree: None }, &st);
             w.dir(fd, &RelPath::root());
         }
@@ -130,11 +131,18 @@ mod linux_magic {
     pub const XFS: u32 = 0x5846_5342;
 }
 
-impl Tree {
-    /// The racy window that applies to an entry of this tree.
-    pub fn window_for(&self, e: &Entry) -> i128 {
+/// The racy window of the root's filesystem, and the device it applies to; every other device
+/// gets the wide window.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Windows {
+    pub root_dev: u64,
+    pub root_ns: i128,
+}
+
+impl Windows {
+    pub fn for_entry(&self, e: &Entry) -> i128 {
         if e.fp.dev == self.root_dev {
-            self.root_window_ns
+            self.root_ns
         } else {
             crate::entry::RACY_WINDOW_NS
         }
@@ -165,7 +173,7 @@ pub fn reuse_cached(e: &mut Entry, cached: &Entry, window_ns: i128) -> bool {
 /// directory keep inode, size, mtime and ctime, so they need not be read again. Returns the
 /// entries that got a hash this way, to be recorded under their new paths.
 pub fn reuse_by_inode(tree: &mut Tree, stale: &[(RelPath, Entry)]) -> Vec<(RelPath, Entry)> {
-    let (root_dev, root_window) = (tree.root_dev, tree.root_window_ns);
+    let windows = tree.windows;
     let by_inode: HashMap<(u64, u64), &Entry> = stale
         .iter()
         .filter(|(_, e)| e.file_hash().is_some())
@@ -179,11 +187,7 @@ pub fn reuse_by_inode(tree: &mut Tree, stale: &[(RelPath, Entry)]) -> Vec<(RelPa
         if let Content::File { hash: None, .. } = e.content
             && let Some(cached) = by_inode.get(&(e.fp.dev, e.fp.ino))
         {
-            let window = if e.fp.dev == root_dev {
-                root_window
-            } else {
-                crate::entry::RACY_WINDOW_NS
-            };
+            let window = windows.for_entry(e);
             reuse_cached(e, cached, window);
             if e.file_hash().is_some() {
                 found.push((path.clone(), e.clone()));

@@ -102,13 +102,9 @@ fn scan_both(cfg: &Config, merge: &Merge) -> Result<(Scanned, Vec<Update>)> {
             Table::Replica if roots.replica.exists() => scan::walk(&roots.replica, Side::Replica),
             Table::Replica => Tree::default(),
         };
-        let (dev, window) = (tree.root_dev, tree.root_window_ns);
+        let windows = tree.windows;
         let stale = merge(table, &mut tree.entries, &mut |e, cached| {
-            let w = if e.fp.dev == dev {
-                window
-            } else {
-                crate::entry::RACY_WINDOW_NS
-            };
+            let w = windows.for_entry(e);
             scan::reuse_cached(e, cached, w)
         })?;
         Ok((tree, stale))

@@ -1479,7 +1479,7 @@ fn racily_clean_cached_hash_is_not_reused() {
     fs::write(fx.src.join("f.txt"), "modified content").unwrap();
     let now = scan::walk(&fx.src, Side::Source);
     let fresh = now.entries[1].1.clone();
-    let window = now.window_for(&fresh);
+    let window = now.windows.for_entry(&fresh);
     assert!(window > 0);
     cached.fp = fresh.fp;
     let changed = cached.fp.mtime.as_nanos().max(cached.fp.ctime.as_nanos());
