@@ -369,6 +369,16 @@ fn encode(e: &Entry) -> Vec<u8> {
     postcard::to_stdvec(e).expect("entries always encode")
 }
 
+/// Decodes one recorded value, validating the path it may name (its hard-link leader).
+fn decode(path: &Path, key: &[u8], value: &[u8]) -> Result<Entry> {
+    let entry: Entry = postcard::from_bytes(value)
+        .map_err(|e| damaged(path, format!("entry {}: {e}", String::from_utf8_lossy(key))))?;
+    if let Some(l) = &entry.link {
+        RelPath::from_bytes(l.as_bytes()).map_err(|e| damaged(path, e))?;
+    }
+    Ok(entry)
+}
+
 fn load_from(path: &Path, tx: &ReadTransaction, table: Table) -> Result<Vec<(RelPath, Entry)>> {
     let tbl = match tx.open_table(table.def()) {
         Ok(t) => t,
@@ -379,11 +389,7 @@ fn load_from(path: &Path, tx: &ReadTransaction, table: Table) -> Result<Vec<(Rel
     for item in tbl.iter().map_err(|e| ierr(path, e))? {
         let (k, v) = item.map_err(|e| ierr(path, e))?;
         let rel = RelPath::from_bytes(k.value()).map_err(|e| damaged(path, e))?;
-        let entry: Entry = postcard::from_bytes(v.value())
-            .map_err(|e| damaged(path, format!("entry {rel}: {e}")))?;
-        if let Some(l) = &entry.link {
-            RelPath::from_bytes(l.as_bytes()).map_err(|e| damaged(path, e))?;
-        }
+        let entry = decode(path, k.value(), v.value())?;
         out.push((rel, entry));
     }
     Ok(out)
@@ -413,11 +419,7 @@ fn merge_from(
             i += 1;
         }
         let rel = || RelPath::from_bytes(key).map_err(|e| damaged(path, e));
-        let cached: Entry = postcard::from_bytes(v.value())
-            .map_err(|e| damaged(path, format!("entry {}: {e}", String::from_utf8_lossy(key))))?;
-        if let Some(l) = &cached.link {
-            RelPath::from_bytes(l.as_bytes()).map_err(|e| damaged(path, e))?;
-        }
+        let cached = decode(path, key, v.value())?;
         if i < entries.len() && entries[i].0.as_bytes() == key {
             if !matched(&mut entries[i].1, &cached) {
                 stale.push((rel()?, cached));
