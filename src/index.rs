@@ -13,6 +13,7 @@
 //! damaged, never trusted. One process writes at a time (redb's `SingleWriter` mode, enforced
 //! with file locks); readers such as `status` open the file read-only alongside it.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use redb::{
@@ -20,7 +21,7 @@ use redb::{
     ReadableTable, ReadableTableMetadata, TableDefinition,
 };
 
-use crate::entry::{Entry, RelPath};
+use crate::entry::{Entry, Hash, RelPath};
 use crate::error::{Error, Result};
 
 /// Version of the table layout and value encoding.
@@ -253,16 +254,14 @@ impl Index {
         })
     }
 
-    /// See [`merge_from`].
-    pub fn merge(
-        &self,
-        table: Table,
-        entries: &mut [(RelPath, Entry)],
-        matched: &mut dyn FnMut(&mut Entry, &Entry) -> bool,
-    ) -> Result<Vec<(RelPath, Entry)>> {
+    /// A consistent view of both recorded tables, for one pass's reads.
+    pub fn snapshot(&self) -> Result<Snapshot> {
         guarded(&self.path, || {
             let tx = self.db.begin_read().map_err(|e| ierr(&self.path, e))?;
-            merge_from(&self.path, &tx, table, entries, matched)
+            Ok(Snapshot {
+                path: self.path.clone(),
+                tx: Some(tx),
+            })
         })
     }
 
@@ -395,42 +394,6 @@ fn load_from(path: &Path, tx: &ReadTransaction, table: Table) -> Result<Vec<(Rel
     Ok(out)
 }
 
-/// Streams a recorded table alongside `entries` (both in canonical order), without loading it:
-/// calls `matched` with each entry and the value recorded for the same path, and returns the
-/// records (path and value) that `entries` does not have or for which `matched` returned false.
-fn merge_from(
-    path: &Path,
-    tx: &ReadTransaction,
-    table: Table,
-    entries: &mut [(RelPath, Entry)],
-    matched: &mut dyn FnMut(&mut Entry, &Entry) -> bool,
-) -> Result<Vec<(RelPath, Entry)>> {
-    let tbl = match tx.open_table(table.def()) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(damaged(path, e)),
-    };
-    let mut stale = Vec::new();
-    let mut i = 0;
-    for item in tbl.iter().map_err(|e| ierr(path, e))? {
-        let (k, v) = item.map_err(|e| ierr(path, e))?;
-        let key = k.value();
-        while i < entries.len() && entries[i].0.as_bytes() < key {
-            i += 1;
-        }
-        let rel = || RelPath::from_bytes(key).map_err(|e| damaged(path, e));
-        let cached = decode(path, key, v.value())?;
-        if i < entries.len() && entries[i].0.as_bytes() == key {
-            if !matched(&mut entries[i].1, &cached) {
-                stale.push((rel()?, cached));
-            }
-        } else {
-            stale.push((rel()?, cached));
-        }
-    }
-    Ok(stale)
-}
-
 /// Checks a read-only index's schema and source, as `Index::init` does for a writer.
 fn check_read_only(path: &Path, db: &redb::ReadOnlyDatabase, roots: &Roots) -> Result<()> {
     let tx = db.begin_read().map_err(|e| ierr(path, e))?;
@@ -500,19 +463,130 @@ impl ReadIndex {
         })
     }
 
-    /// See [`merge_from`]; a missing index has nothing recorded.
-    pub fn merge(
+    /// See [`Index::snapshot`]; a missing index has nothing recorded.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let tx = match &self.db {
+            None => None,
+            Some(db) => Some(guarded(&self.path, || {
+                db.begin_read().map_err(|e| ierr(&self.path, e))
+            })?),
+        };
+        Ok(Snapshot {
+            path: self.path.clone(),
+            tx,
+        })
+    }
+}
+
+/// A consistent view of the recorded tables (one redb read transaction), read as streams.
+pub struct Snapshot {
+    path: PathBuf,
+    tx: Option<ReadTransaction>,
+}
+
+type Records = redb::Range<'static, &'static [u8], &'static [u8]>;
+
+impl Snapshot {
+    fn records(&self, table: Table) -> Result<Option<Records>> {
+        let Some(tx) = &self.tx else {
+            return Ok(None);
+        };
+        guarded(&self.path, || {
+            let tbl = match tx.open_table(table.def()) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(damaged(&self.path, e)),
+            };
+            let records = tbl.range::<&[u8]>(..).map_err(|e| ierr(&self.path, e))?;
+            Ok(Some(records))
+        })
+    }
+
+    /// A cursor over one recorded table, in canonical order.
+    pub fn cursor(&self, table: Table) -> Result<Cursor> {
+        Ok(Cursor {
+            path: self.path.clone(),
+            records: self.records(table)?,
+            peeked: None,
+        })
+    }
+
+    /// Every record of `table` that is a file whose hash is in `wanted`, in canonical order.
+    pub fn files_with_hashes(
         &self,
         table: Table,
-        entries: &mut [(RelPath, Entry)],
-        matched: &mut dyn FnMut(&mut Entry, &Entry) -> bool,
+        wanted: &HashSet<Hash>,
     ) -> Result<Vec<(RelPath, Entry)>> {
-        match &self.db {
-            None => Ok(Vec::new()),
-            Some(db) => guarded(&self.path, || {
-                let tx = db.begin_read().map_err(|e| ierr(&self.path, e))?;
-                merge_from(&self.path, &tx, table, entries, matched)
-            }),
+        let mut found = Vec::new();
+        let mut cursor = self.cursor(table)?;
+        cursor.finish(&mut |path, e| {
+            if e.file_hash().is_some_and(|h| wanted.contains(&h)) {
+                found.push((path, e));
+            }
+        })?;
+        Ok(found)
+    }
+}
+
+/// Reads one recorded table in step with a walk of the same tree (both in canonical order),
+/// holding one record at a time.
+pub struct Cursor {
+    path: PathBuf,
+    records: Option<Records>,
+    peeked: Option<(Vec<u8>, Entry)>,
+}
+
+impl Cursor {
+    /// The next record, decoded and validated.
+    fn next_record(&mut self) -> Result<Option<(Vec<u8>, Entry)>> {
+        if let Some(r) = self.peeked.take() {
+            return Ok(Some(r));
         }
+        let Some(records) = &mut self.records else {
+            return Ok(None);
+        };
+        let path = &self.path;
+        guarded(path, || match records.next() {
+            None => Ok(None),
+            Some(item) => {
+                let (k, v) = item.map_err(|e| ierr(path, e))?;
+                let key = k.value();
+                let entry = decode(path, key, v.value())?;
+                Ok(Some((key.to_vec(), entry)))
+            }
+        })
+    }
+
+    fn rel(&self, key: Vec<u8>) -> Result<RelPath> {
+        RelPath::from_bytes(&key).map_err(|e| damaged(&self.path, e))
+    }
+
+    /// Moves the cursor past `path`: hands each record before it to `passed` (paths the walk
+    /// did not see) and returns the record of `path` itself, if there is one. Calls must come
+    /// in canonical order.
+    pub fn seek(
+        &mut self,
+        path: &RelPath,
+        passed: &mut dyn FnMut(RelPath, Entry),
+    ) -> Result<Option<Entry>> {
+        while let Some((key, entry)) = self.next_record()? {
+            match key.as_slice().cmp(path.as_bytes()) {
+                std::cmp::Ordering::Less => passed(self.rel(key)?, entry),
+                std::cmp::Ordering::Equal => return Ok(Some(entry)),
+                std::cmp::Ordering::Greater => {
+                    self.peeked = Some((key, entry));
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Hands every record not reached yet to `passed`.
+    pub fn finish(&mut self, passed: &mut dyn FnMut(RelPath, Entry)) -> Result<()> {
+        while let Some((key, entry)) = self.next_record()? {
+            passed(self.rel(key)?, entry);
+        }
+        Ok(())
     }
 }

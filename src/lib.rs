@@ -4,6 +4,7 @@
 //! - [`entry`], [`error`], [`hash`]: the data model, errors, hashing.
 //! - [`index`] (the only user of redb), [`scan`] (walks a tree), [`replica`] (the only writer to
 //!   the destination).
+//! - [`merge`]: scans both trees at once in bounded memory, keeping what may differ.
 //! - [`diff`] and [`plan`]: pure functions from two trees to an ordered list of operations.
 //! - [`apply`] runs a plan; [`oplog`] logs it.
 //! - [`sync`], [`watch`], [`report`]: the commands; [`config`] validates their input.
@@ -17,6 +18,7 @@ pub mod entry;
 pub mod error;
 pub mod hash;
 pub mod index;
+pub mod merge;
 pub mod oplog;
 pub mod plan;
 pub mod replica;

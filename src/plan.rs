@@ -158,12 +158,34 @@ pub fn plan(
     dst: &[(RelPath, Entry)],
     owners: bool,
 ) -> Plan {
-    Planner::new(src, dst, owners).run(changes)
+    plan_with(changes, src, dst, &[], owners)
+}
+
+/// [`plan`] from parts of the two trees: `src` and `dst` need to hold only every changed path,
+/// its ancestors and the whole subtree of an added or deleted directory, plus the root and any
+/// root-level name with [`TMP_PREFIX`]. Replica files that stay unchanged and hold wanted
+/// content are `copy_sources`.
+pub fn plan_with(
+    changes: &[Change],
+    src: &[(RelPath, Entry)],
+    dst: &[(RelPath, Entry)],
+    copy_sources: &[(RelPath, Entry)],
+    owners: bool,
+) -> Plan {
+    Planner {
+        src,
+        dst,
+        copy_sources,
+        owners,
+        next_tmp: 0,
+    }
+    .run(changes)
 }
 
 struct Planner<'a> {
     src: &'a [(RelPath, Entry)],
     dst: &'a [(RelPath, Entry)],
+    copy_sources: &'a [(RelPath, Entry)],
     owners: bool,
     next_tmp: u64,
 }
@@ -176,16 +198,7 @@ enum Source {
     Fresh,
 }
 
-impl<'a> Planner<'a> {
-    fn new(src: &'a [(RelPath, Entry)], dst: &'a [(RelPath, Entry)], owners: bool) -> Self {
-        Planner {
-            src,
-            dst,
-            owners,
-            next_tmp: 0,
-        }
-    }
-
+impl Planner<'_> {
     fn tmp_name(&mut self) -> RelPath {
         loop {
             let name = format!("{TMP_PREFIX}stage-{}", self.next_tmp);
@@ -300,7 +313,7 @@ impl<'a> Planner<'a> {
         // entry at all when nothing new has a known hash.
         let mut stable: HashMap<Hash, RelPath> = HashMap::new();
         if !wanted.is_empty() {
-            for (p, e) in self.dst {
+            for (p, e) in self.dst.iter().chain(self.copy_sources) {
                 if let Some(h) = e.file_hash()
                     && wanted.contains(&h)
                     && !gone.contains(p)
@@ -540,7 +553,8 @@ impl<'a> Planner<'a> {
             return Source::Move(from.clone());
         }
         if let Some(from) = stable.get(h).filter(|f| *f != path) {
-            return Source::Copy(from.clone(), lookup(self.dst, from).cloned());
+            let trusted = lookup(self.dst, from).or_else(|| lookup(self.copy_sources, from));
+            return Source::Copy(from.clone(), trusted.cloned());
         }
         match moved_in.get(h) {
             Some(from) if from != path => Source::Copy(from.clone(), None),

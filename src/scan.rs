@@ -10,7 +10,8 @@
 //! - A path that could not be read is listed in [`Tree::unknown`]: nothing at or below it may be
 //!   deleted or replaced on the strength of this scan.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry as Slot;
 use std::fs::{File, Metadata};
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -82,12 +83,24 @@ impl Tree {
 /// Stats every node below `root` without reading file contents. Entries come out in canonical
 /// order (no sort needed) with every content hash unknown, except for empty files.
 pub fn walk(root: &Path, side: Side) -> Tree {
+    let mut entries = Vec::new();
+    let mut tree = walk_with(root, side, &mut |_, path, e| entries.push((path, e)));
+    debug_assert!(entries.windows(2).all(|p| p[0].0 < p[1].0));
+    tree.entries = entries;
+    tree
+}
+
+/// The same walk, handing each entry to `sink` (with the racy windows of the tree) as soon as
+/// it is known instead of keeping it: memory stays bounded by the depth of the tree and the
+/// width of one directory. The returned tree has no entries, only what else the walk found.
+pub fn walk_with(root: &Path, side: Side, sink: &mut dyn FnMut(&Windows, RelPath, Entry)) -> Tree {
     let mut w = Walker {
         tree: Tree::default(),
         side,
         root,
         seen: Time::now(),
-        multi_linked: HashSet::new(),
+        leaders: HashMap::new(),
+        sink,
     };
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     match rfs::open(root, flags, Mode::empty()).and_then(|fd| rfs::fstat(&fd).map(|st| (fd, st))) {
@@ -96,21 +109,12 @@ pub fn walk(root: &Path, side: Side) -> Tree {
                 root_dev: st.st_dev,
                 root_ns: racy_window(&fd),
             };
-            w.push(RelPath::root(), Content::Dir { tree: None }, &st);
+            w.push(RelPath::root(), Content::Dir { tree: None }, &st, None);
             w.dir(fd, &RelPath::root());
         }
         Err(e) => w.problem(RelPath::root(), io_err(e)),
     }
-    let Walker {
-        mut tree,
-        multi_linked,
-        ..
-    } = w;
-    debug_assert!(tree.entries.windows(2).all(|p| p[0].0 < p[1].0));
-    if !multi_linked.is_empty() {
-        fill_links(&mut tree.entries, &multi_linked);
-    }
-    tree
+    w.tree
 }
 
 /// The racy window for entries on the filesystem of `dir`: fine only where timestamps are known
@@ -229,8 +233,9 @@ struct Walker<'a> {
     side: Side,
     root: &'a Path,
     seen: Time,
-    /// Inodes of files with more than one link.
-    multi_linked: HashSet<(u64, u64)>,
+    /// The first path (in canonical order) of each file with more than one link.
+    leaders: HashMap<(u64, u64), RelPath>,
+    sink: &'a mut dyn FnMut(&Windows, RelPath, Entry),
 }
 
 impl Walker<'_> {
@@ -245,15 +250,15 @@ impl Walker<'_> {
         self.tree.unknown.push(rel);
     }
 
-    fn push(&mut self, rel: RelPath, content: Content, st: &rfs::Stat) {
+    fn push(&mut self, rel: RelPath, content: Content, st: &rfs::Stat, link: Option<RelPath>) {
         let entry = Entry {
             content,
             meta: meta_of_stat(st),
             fp: fingerprint_of_stat(st),
             seen: self.seen,
-            link: None,
+            link,
         };
-        self.tree.entries.push((rel, entry));
+        (self.sink)(&self.tree.windows, rel, entry);
     }
 
     fn dir(&mut self, fd: OwnedFd, rel: &RelPath) {
@@ -305,44 +310,36 @@ impl Walker<'_> {
         match rfs::FileType::from_raw_mode(st.st_mode) {
             rfs::FileType::RegularFile => {
                 let size = st.st_size as u64;
-                if st.st_nlink > 1 {
-                    self.multi_linked.insert((st.st_dev, st.st_ino));
-                }
+                // Entries come in canonical order, so the first path seen leads.
+                let link = match st.st_nlink > 1 {
+                    false => None,
+                    true => match self.leaders.entry((st.st_dev, st.st_ino)) {
+                        Slot::Occupied(o) => Some(o.get().clone()),
+                        Slot::Vacant(v) => {
+                            v.insert(child.clone());
+                            None
+                        }
+                    },
+                };
                 let hash = (size == 0).then(hash::empty_hash);
-                self.push(child, Content::File { size, hash }, st);
+                self.push(child, Content::File { size, hash }, st, link);
             }
-            rfs::FileType::Directory => self.push(child, Content::Dir { tree: None }, st),
+            rfs::FileType::Directory => self.push(child, Content::Dir { tree: None }, st, None),
             rfs::FileType::Symlink => match rfs::readlinkat(dfd, child.name_os(), Vec::new()) {
                 Ok(t) => {
                     let target = t.into_bytes();
-                    self.push(child, Content::Symlink { target }, st);
+                    self.push(child, Content::Symlink { target }, st, None);
                 }
                 Err(e) => self.problem(child, io_err(e)),
             },
             _ if self.side == Side::Source => self.tree.specials.push(child),
-            _ => self.push(child, Content::Special, st),
+            _ => self.push(child, Content::Special, st, None),
         }
     }
 }
 
 fn io_err(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
-}
-
-/// Records, for every file with other hard links in the tree, the first of its paths.
-fn fill_links(entries: &mut [(RelPath, Entry)], multi: &HashSet<(u64, u64)>) {
-    let mut first: HashMap<(u64, u64), RelPath> = HashMap::new();
-    for (path, e) in entries.iter_mut() {
-        if !matches!(e.content, Content::File { .. }) || !multi.contains(&(e.fp.dev, e.fp.ino)) {
-            continue;
-        }
-        match first.get(&(e.fp.dev, e.fp.ino)) {
-            Some(leader) => e.link = Some(leader.clone()),
-            None => {
-                first.insert((e.fp.dev, e.fp.ino), path.clone());
-            }
-        }
-    }
 }
 
 /// Hashes the files at `which` (indexes into `tree.entries`) in parallel. A file that vanished

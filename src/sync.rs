@@ -2,10 +2,11 @@
 //!
 //! Data flow of one pass:
 //! 1. Walk the source and the replica at the same time, one thread each, stat only, and stream
-//!    each side's recorded table alongside to reuse hashes whose fingerprint still matches.
-//! 2. Hash the files whose hash is not cached and whose size some file on the other side has
-//!    (no other file can match them; the rest are hashed while they are copied).
-//! 3. Tree hashes, diff, plan; guard rails.
+//!    each side's recorded table alongside to reuse hashes whose fingerprint still matches;
+//!    keep only the paths that may differ ([`merge`]).
+//! 2. Hash the kept files whose hash is not cached and whose size some file on the other side
+//!    has (no other file can match them; the rest are hashed while they are copied).
+//! 3. Tree hashes of the kept parts, diff, plan; guard rails.
 //! 4. Record what the scans learned, apply the plan, record each finished operation.
 
 use std::collections::HashSet;
@@ -14,13 +15,14 @@ use std::time::{Duration, Instant};
 
 use crate::apply::{Outcome, Recorder, apply};
 use crate::config::Config;
-use crate::diff::diff;
-use crate::entry::{Content, Entry, RelPath};
+use crate::diff::{Change, diff};
+use crate::entry::{Hash, RelPath};
 use crate::error::{Error, Result};
 use crate::hash::fill_tree_hashes;
-use crate::index::{Index, ReadIndex, Roots, Table, Update};
+use crate::index::{Index, ReadIndex, Roots, Snapshot, Table, Update};
+use crate::merge;
 use crate::oplog::OpLog;
-use crate::plan::{Code, Plan, plan};
+use crate::plan::{Code, Plan, plan_with};
 use crate::replica::local::LocalReplica;
 use crate::scan::{self, Side, Tree};
 
@@ -76,76 +78,50 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-/// Both trees of one pass, ready to diff.
+/// Both trees of one pass, as far as the plan needs them (see [`merge`]).
 struct Scanned {
     src: Tree,
     dst: Tree,
+    /// How many paths each walk saw.
+    src_seen: usize,
+    dst_seen: usize,
+    /// See [`merge::Merged::dst_hashes`].
+    dst_hashes: Vec<u32>,
+    /// Recorded replica paths that the walk did not find as files.
+    dst_stale: HashSet<RelPath>,
 }
 
-/// Streams one recorded table alongside a walked tree (see `Index::merge`).
-type Merge<'a> = dyn Fn(
-        Table,
-        &mut [(RelPath, Entry)],
-        &mut dyn FnMut(&mut Entry, &Entry) -> bool,
-    ) -> Result<Vec<(RelPath, Entry)>>
-    + Sync
-    + 'a;
-
-/// Walks each side and merges it with its recorded table, the two sides on two threads; then
-/// hashes what must be hashed. Returns the trees and what the index should learn from them.
-fn scan_both(cfg: &Config, merge: &Merge) -> Result<(Scanned, Vec<Update>)> {
+/// Scans both trees (see [`merge::scan`]), then hashes what must be hashed. Returns the kept
+/// parts of the trees and what the index should learn from the scan.
+fn scan_both(cfg: &Config, snapshot: &Snapshot) -> Result<(Scanned, Vec<Update>)> {
     let roots = &cfg.roots;
     let t = Instant::now();
-    let side = |table: Table| -> Result<(Tree, Vec<(RelPath, Entry)>)> {
-        let mut tree = match table {
-            Table::Source => scan::walk(&roots.source, Side::Source),
-            Table::Replica if roots.replica.exists() => scan::walk(&roots.replica, Side::Replica),
-            Table::Replica => Tree::default(),
-        };
-        let windows = tree.windows;
-        let stale = merge(table, &mut tree.entries, &mut |e, cached| {
-            let w = windows.for_entry(e);
-            scan::reuse_cached(e, cached, w)
-        })?;
-        Ok((tree, stale))
-    };
-    let (src, dst) = std::thread::scope(|s| {
-        let d = s.spawn(|| side(Table::Replica));
-        let src = side(Table::Source);
-        (src, d.join().expect("replica walk does not panic"))
-    });
-    let ((mut src, src_stale), (mut dst, dst_stale)) = (src?, dst?);
-    let src_moved = scan::reuse_by_inode(&mut src, &src_stale);
-    let dst_moved = scan::reuse_by_inode(&mut dst, &dst_stale);
+    let merge::Merged {
+        src,
+        dst,
+        dst_hashes,
+    } =
+        merge::scan(&roots.source, &roots.replica, snapshot, cfg.owners)?;
+    let (mut src_tree, mut dst_tree) = (src.tree, dst.tree);
+    let src_moved = scan::reuse_by_inode(&mut src_tree, &src.stale);
+    let dst_moved = scan::reuse_by_inode(&mut dst_tree, &dst.stale);
     log::debug!("walked both trees in {:?}", t.elapsed());
-    let sizes = |t: &Tree| -> HashSet<u64> {
-        t.entries
-            .iter()
-            .filter_map(|(_, e)| match e.content {
-                Content::File { size, .. } => Some(size),
-                _ => None,
-            })
-            .collect()
-    };
-    // Sizes of the other side's files, built only if this side has something to hash.
-    let need = |t: &Tree, other: &Tree| -> Vec<usize> {
-        let mut unhashed = t.unhashed().peekable();
-        if unhashed.peek().is_none() {
-            return Vec::new();
-        }
-        let other = sizes(other);
-        unhashed
+    // Every unhashed file is kept by the merge; it needs a hash now only if some file on the
+    // other side has its size (otherwise it is hashed while it is copied).
+    let need = |t: &Tree, other: &HashSet<u64>| -> Vec<usize> {
+        t.unhashed()
             .filter(|&i| other.contains(&t.entries[i].1.size()))
             .collect()
     };
-    let src_need = need(&src, &dst);
-    let dst_need = need(&dst, &src);
-    let src_fresh = scan::hash_files(&roots.source, &mut src, &src_need);
-    let dst_fresh = scan::hash_files(&roots.replica, &mut dst, &dst_need);
+    let src_need = need(&src_tree, &dst.sizes);
+    let dst_need = need(&dst_tree, &src.sizes);
+    let src_fresh = scan::hash_files(&roots.source, &mut src_tree, &src_need);
+    let dst_fresh = scan::hash_files(&roots.replica, &mut dst_tree, &dst_need);
+    let dst_stale = dst.stale.iter().map(|(p, _)| p.clone()).collect();
     let mut learned = Vec::new();
     for (table, tree, stale, fresh) in [
-        (Table::Source, &src, src_stale, [src_moved, src_fresh]),
-        (Table::Replica, &dst, dst_stale, [dst_moved, dst_fresh]),
+        (Table::Source, &src_tree, src.stale, [src_moved, src_fresh]),
+        (Table::Replica, &dst_tree, dst.stale, [dst_moved, dst_fresh]),
     ] {
         // Paths below an unreadable directory were not seen, not removed.
         let stale = stale.into_iter().filter(|(p, _)| !tree.is_unknown(p));
@@ -155,18 +131,55 @@ fn scan_both(cfg: &Config, merge: &Merge) -> Result<(Scanned, Vec<Update>)> {
     }
     log::debug!("hashed in {:?}", t.elapsed());
     rayon::join(
-        || fill_tree_hashes(&mut src.entries, cfg.owners),
-        || fill_tree_hashes(&mut dst.entries, cfg.owners),
+        || fill_tree_hashes(&mut src_tree.entries, cfg.owners),
+        || fill_tree_hashes(&mut dst_tree.entries, cfg.owners),
     );
-    log::debug!("tree hashes in {:?}", t.elapsed());
-    Ok((Scanned { src, dst }, learned))
+    let scanned = Scanned {
+        src: src_tree,
+        dst: dst_tree,
+        src_seen: src.seen,
+        dst_seen: dst.seen,
+        dst_hashes,
+        dst_stale,
+    };
+    Ok((scanned, learned))
 }
 
-fn make_plan(cfg: &Config, s: &Scanned) -> Plan {
+/// Diffs the kept trees and plans. Replica files that the merge dropped as unchanged can still
+/// be copy sources: when a wanted content may be among them, the recorded replica table is read
+/// for it.
+fn make_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Plan> {
     let changes = diff(&s.src.entries, &s.dst.entries, cfg.owners, &|p| {
         s.src.is_unknown(p)
     });
-    plan(&changes, &s.src.entries, &s.dst.entries, cfg.owners)
+    let wanted: HashSet<Hash> = changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Add { src, .. } | Change::Modify { src, .. } | Change::Type { src, .. }
+                if src.link.is_none() =>
+            {
+                src.file_hash()
+            }
+            _ => None,
+        })
+        .filter(|h| merge::may_hold(&s.dst_hashes, h))
+        .collect();
+    let mut copy_sources = Vec::new();
+    if !wanted.is_empty() {
+        for (path, e) in snapshot.files_with_hashes(Table::Replica, &wanted)? {
+            let kept = s.dst.get(&path).is_some();
+            if !kept && !s.dst_stale.contains(&path) {
+                copy_sources.push((path, e));
+            }
+        }
+    }
+    Ok(plan_with(
+        &changes,
+        &s.src.entries,
+        &s.dst.entries,
+        &copy_sources,
+        cfg.owners,
+    ))
 }
 
 fn describe_problems(report: &mut Report, s: &Scanned) {
@@ -189,10 +202,10 @@ pub fn status(cfg: &Config) -> Result<Report> {
         source: &cfg.roots.source,
         replica: &cfg.roots.replica,
     };
-    let index = ReadIndex::open(&cfg.index, &roots)?;
-    let (s, _) = scan_both(cfg, &|t, entries, f| index.merge(t, entries, f))?;
+    let snapshot = ReadIndex::open(&cfg.index, &roots)?.snapshot()?;
+    let (s, _) = scan_both(cfg, &snapshot)?;
     let mut report = Report {
-        plan: make_plan(cfg, &s),
+        plan: make_plan(cfg, &s, &snapshot)?,
         ..Report::default()
     };
     describe_problems(&mut report, &s);
@@ -236,10 +249,12 @@ impl Session {
         if !replica_root.exists() {
             std::fs::create_dir_all(replica_root).map_err(|e| Error::io(replica_root, e))?;
         }
-        let index = &self.index;
-        let (s, learned) = scan_both(cfg, &|t, entries, f| index.merge(t, entries, f))?;
+        let snapshot = self.index.snapshot()?;
+        let (s, learned) = scan_both(cfg, &snapshot)?;
         log::debug!("scanned in {:?}", start.elapsed());
-        let plan = make_plan(cfg, &s);
+        let plan = make_plan(cfg, &s, &snapshot)?;
+        // Pages the snapshot still sees cannot be reused by the commits below.
+        drop(snapshot);
         log::debug!("planned in {:?}", start.elapsed());
         guard_rails(cfg, &s, &plan)?;
 
@@ -329,9 +344,9 @@ impl Session {
 }
 
 fn guard_rails(cfg: &Config, s: &Scanned, plan: &Plan) -> Result<()> {
-    let src_empty = s.src.entries.len() <= 1 && s.src.unknown.is_empty();
-    let dst_files = s.dst.entries.len().saturating_sub(1);
-    if (src_empty || s.src.entries.is_empty()) && dst_files > 0 && !cfg.allow_empty_source {
+    let src_empty = s.src_seen <= 1 && s.src.unknown.is_empty();
+    let dst_files = s.dst_seen.saturating_sub(1);
+    if (src_empty || s.src_seen == 0) && dst_files > 0 && !cfg.allow_empty_source {
         return Err(Error::Refused {
             msg: format!(
                 "source {} is empty but replica {} holds {dst_files} entries; refusing to delete them all \

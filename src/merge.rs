@@ -1,0 +1,387 @@
+//! Scans both trees of a pass in bounded memory and keeps only what needs a closer look.
+//!
+//! Four streams in canonical order are merged: the source walk and the replica walk (one thread
+//! each), each read in step with its recorded table (see [`Cursor`]). The main thread joins the
+//! two walks path by path. A path is kept only when the two sides may differ: one side lacks
+//! it, kinds, metadata, link or symlink target differ, or a file's content hash is not known on
+//! one side yet. Every kept path brings its ancestors along (the planner restores a parent's
+//! metadata, and a directory's tree hash must cover every kept path below it), and the root is
+//! always kept. Everything else is dropped as soon as it
+//! has been compared, so a pass over an unchanged tree holds a few directories, not the tree.
+//!
+//! The kept paths form two partial trees, in canonical order and closed under taking parents,
+//! that hold every path the planner needs: a path that differs, its ancestors, and (for an added
+//! or deleted directory) its whole subtree, since every path below it differs too. The tree
+//! hashes of the two partial trees are equal for a directory only when its kept paths are the
+//! same on both sides, so the diff's subtree skip stays correct on them.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+use crate::entry::{Content, Entry, Hash, RelPath};
+use crate::error::Result;
+use crate::index::{Cursor, Snapshot, Table};
+use crate::plan::TMP_PREFIX;
+use crate::scan::{self, Tree};
+
+/// Entries per message from a walking thread.
+const BATCH: usize = 512;
+/// Messages in flight per walking thread.
+const DEPTH: usize = 4;
+
+/// What the merged scan of one side holds.
+#[derive(Debug, Default)]
+pub struct Side {
+    /// The kept paths of this side (entries of `tree`), and what else the walk found.
+    pub tree: Tree,
+    /// Records of the side's table for paths the walk did not see, or that are no longer files.
+    pub stale: Vec<(RelPath, Entry)>,
+    /// How many paths the walk saw.
+    pub seen: usize,
+    /// The size of every file seen, kept or not: an unhashed file can only match a file of the
+    /// same size on the other side.
+    pub sizes: HashSet<u64>,
+}
+
+/// Both sides of a merged scan.
+#[derive(Debug, Default)]
+pub struct Merged {
+    pub src: Side,
+    pub dst: Side,
+    /// The first four bytes of every known replica file hash, sorted: a cheap test of whether a
+    /// wanted content may already be somewhere in the replica.
+    pub dst_hashes: Vec<u32>,
+}
+
+/// True if some file of a replica with these [`Merged::dst_hashes`] may have content `h`.
+pub fn may_hold(dst_hashes: &[u32], h: &Hash) -> bool {
+    dst_hashes.binary_search(&prefix(h)).is_ok()
+}
+
+fn prefix(h: &Hash) -> u32 {
+    u32::from_le_bytes([h[0], h[1], h[2], h[3]])
+}
+
+/// Scans `source` and `replica` (a missing replica is empty) and merges them with the tables of
+/// `snapshot`.
+pub fn scan(source: &Path, replica: &Path, snapshot: &Snapshot, owners: bool) -> Result<Merged> {
+    let src_cursor = snapshot.cursor(Table::Source)?;
+    let dst_cursor = snapshot.cursor(Table::Replica)?;
+    let (src_tx, src_rx) = sync_channel(DEPTH);
+    let (dst_tx, dst_rx) = sync_channel(DEPTH);
+    let dst_present = replica.exists();
+    std::thread::scope(|s| {
+        let src = s.spawn(move || walk_side(source, scan::Side::Source, src_cursor, src_tx));
+        let dst = s.spawn(move || match dst_present {
+            true => walk_side(replica, scan::Side::Replica, dst_cursor, dst_tx),
+            false => missing_side(dst_cursor),
+        });
+        let mut merged = join(Stream::new(src_rx), Stream::new(dst_rx), owners);
+        let (src_tree, src_stale) = src.join().expect("the source walk does not panic")?;
+        let (dst_tree, dst_stale) = dst.join().expect("the replica walk does not panic")?;
+        merged.src.stale = src_stale;
+        merged.dst.stale = dst_stale;
+        for (side, tree) in [(&mut merged.src, src_tree), (&mut merged.dst, dst_tree)] {
+            let kept = std::mem::take(&mut side.tree.entries);
+            side.tree = tree;
+            side.tree.entries = kept;
+        }
+        Ok(merged)
+    })
+}
+
+type Batch = Vec<(RelPath, Entry)>;
+
+/// Walks one tree, reusing recorded hashes whose fingerprint still matches, and sends the
+/// entries in batches. Returns what else the walk found and the stale records.
+fn walk_side(
+    root: &Path,
+    side: scan::Side,
+    mut cursor: Cursor,
+    tx: SyncSender<Batch>,
+) -> Result<(Tree, Vec<(RelPath, Entry)>)> {
+    let mut stale = Vec::new();
+    let mut failed = None;
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut sink = |w: &scan::Windows, path: RelPath, mut e: Entry| {
+        if failed.is_some() {
+            return;
+        }
+        match cursor.seek(&path, &mut |p, rec| stale.push((p, rec))) {
+            Ok(Some(rec)) => {
+                let window = w.for_entry(&e);
+                if !scan::reuse_cached(&mut e, &rec, window) {
+                    stale.push((path.clone(), rec));
+                }
+            }
+            Ok(None) => {}
+            Err(err) => failed = Some(err),
+        }
+        batch.push((path, e));
+        // A closed receiver means the pass is over; the rest of the walk is not needed.
+        if batch.len() == BATCH && tx.send(std::mem::take(&mut batch)).is_ok() {
+            batch.reserve(BATCH);
+        }
+    };
+    let tree = scan::walk_with(root, side, &mut sink);
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if !batch.is_empty() {
+        let _ = tx.send(batch);
+    }
+    cursor.finish(&mut |p, rec| stale.push((p, rec)))?;
+    Ok((tree, stale))
+}
+
+/// A replica root that does not exist: nothing seen, every record stale.
+fn missing_side(mut cursor: Cursor) -> Result<(Tree, Vec<(RelPath, Entry)>)> {
+    let mut stale = Vec::new();
+    cursor.finish(&mut |p, rec| stale.push((p, rec)))?;
+    Ok((Tree::default(), stale))
+}
+
+/// The entries of one walk as they arrive.
+struct Stream {
+    rx: Receiver<Batch>,
+    current: std::vec::IntoIter<(RelPath, Entry)>,
+}
+
+impl Stream {
+    fn new(rx: Receiver<Batch>) -> Stream {
+        Stream {
+            rx,
+            current: Vec::new().into_iter(),
+        }
+    }
+}
+
+impl Iterator for Stream {
+    type Item = (RelPath, Entry);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(item) = self.current.next() {
+                return Some(item);
+            }
+            self.current = self.rx.recv().ok()?.into_iter();
+        }
+    }
+}
+
+/// A directory whose subtree the join has not left yet.
+struct Open {
+    path: RelPath,
+    src: Option<Entry>,
+    dst: Option<Entry>,
+    kept: bool,
+}
+
+/// True if `path` sorts inside the subtree of directory `dir` (between `dir/` and `dir0`).
+/// Paths that sort between `dir` and `dir/` (such as `dir-x`) keep `dir` open.
+fn still_open(dir: &RelPath, path: &RelPath) -> bool {
+    let (d, p) = (dir.as_bytes(), path.as_bytes());
+    dir.is_root() || (p.len() > d.len() && p.starts_with(d) && p[d.len()] < b'0')
+}
+
+/// True when the two sides are known to be the same node: nothing to do and nothing to learn.
+pub fn settled(src: &Entry, dst: &Entry, owners: bool) -> bool {
+    let content = match (&src.content, &dst.content) {
+        (Content::Dir { .. }, Content::Dir { .. }) => true,
+        _ => src.same_content(dst) && src.link == dst.link,
+    };
+    content && src.same_meta(dst, owners)
+}
+
+/// Joins the two walks and keeps what may differ (see the module documentation).
+fn join(
+    src: impl Iterator<Item = (RelPath, Entry)>,
+    dst: impl Iterator<Item = (RelPath, Entry)>,
+    owners: bool,
+) -> Merged {
+    let mut m = Merged::default();
+    let mut kept: Vec<(RelPath, Option<Entry>, Option<Entry>)> = Vec::new();
+    // Directories whose subtrees are still ahead; each opened inside the one below it, so they
+    // close in reverse order.
+    let mut open: Vec<Open> = Vec::new();
+    let (mut src, mut dst) = (src.peekable(), dst.peekable());
+    loop {
+        let order = match (src.peek(), dst.peek()) {
+            (None, None) => break,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some((a, _)), Some((b, _))) => a.cmp(b),
+        };
+        let (path, s, d) = match order {
+            std::cmp::Ordering::Less => {
+                let (p, e) = src.next().expect("peeked");
+                (p, Some(e), None)
+            }
+            std::cmp::Ordering::Greater => {
+                let (p, e) = dst.next().expect("peeked");
+                (p, None, Some(e))
+            }
+            std::cmp::Ordering::Equal => {
+                let (p, a) = src.next().expect("peeked");
+                let (_, b) = dst.next().expect("peeked");
+                (p, Some(a), Some(b))
+            }
+        };
+        if let Some(e) = &s {
+            m.src.seen += 1;
+            if let Content::File { size, .. } = e.content {
+                m.src.sizes.insert(size);
+            }
+        }
+        if let Some(e) = &d {
+            m.dst.seen += 1;
+            if let Content::File { size, hash } = e.content {
+                m.dst.sizes.insert(size);
+                if let Some(h) = hash {
+                    m.dst_hashes.push(prefix(&h));
+                }
+            }
+        }
+        while open.last().is_some_and(|o| !still_open(&o.path, &path)) {
+            open.pop();
+        }
+        let keep = match (&s, &d) {
+            (Some(a), Some(b)) => !settled(a, b, owners),
+            _ => true,
+        } || path.is_root()
+            // Names the planner must not pick for its staging area.
+            || (path.depth() == 1 && path.name().starts_with(TMP_PREFIX.as_bytes()));
+        if keep {
+            for o in open.iter_mut().filter(|o| !o.kept && o.path.is_ancestor_of(&path)) {
+                o.kept = true;
+                kept.push((o.path.clone(), o.src.clone(), o.dst.clone()));
+            }
+        }
+        let is_dir = |e: &Option<Entry>| e.as_ref().is_some_and(Entry::is_dir);
+        if is_dir(&s) || is_dir(&d) {
+            open.push(Open {
+                path: path.clone(),
+                src: s.clone(),
+                dst: d.clone(),
+                kept: keep,
+            });
+        }
+        if keep {
+            kept.push((path, s, d));
+        }
+    }
+    // A parent is kept when its first kept child is met, after paths that sort between them.
+    kept.sort_by(|a, b| a.0.cmp(&b.0));
+    for (path, s, d) in kept {
+        if let Some(e) = s {
+            m.src.tree.entries.push((path.clone(), e));
+        }
+        if let Some(e) = d {
+            m.dst.tree.entries.push((path, e));
+        }
+    }
+    m.dst_hashes.sort_unstable();
+    m.dst_hashes.dedup();
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diff::tests::{dir, file, link, p, tree};
+
+    fn paths(t: &[(RelPath, Entry)]) -> Vec<String> {
+        t.iter().map(|(p, _)| p.to_string()).collect()
+    }
+
+    fn run(src: &[(RelPath, Entry)], dst: &[(RelPath, Entry)]) -> Merged {
+        join(src.iter().cloned(), dst.iter().cloned(), false)
+    }
+
+    #[test]
+    fn an_unchanged_tree_keeps_only_the_root() {
+        let t = tree(vec![
+            ("a", dir()),
+            ("a/x", file("x", 1)),
+            ("a-b", dir()),
+            ("a-b/y", file("y", 1)),
+            ("l", link("a")),
+        ]);
+        let m = run(&t, &t);
+        assert_eq!(paths(&m.src.tree.entries), ["."]);
+        assert_eq!(paths(&m.dst.tree.entries), ["."]);
+        assert_eq!((m.src.seen, m.dst.seen), (6, 6));
+    }
+
+    #[test]
+    fn a_change_keeps_its_parent_even_across_paths_that_sort_between() {
+        let src = tree(vec![
+            ("a", dir()),
+            ("a-b", dir()),
+            ("a-b/y", file("y", 1)),
+            ("a.c", file("c", 1)),
+            ("a/x", file("new", 2)),
+            ("b", dir()),
+        ]);
+        let mut dst = src.clone();
+        dst[5].1 = file("old", 1); // a/x
+        let m = run(&src, &dst);
+        assert_eq!(paths(&m.src.tree.entries), [".", "a", "a/x"]);
+        assert_eq!(paths(&m.dst.tree.entries), [".", "a", "a/x"]);
+    }
+
+    #[test]
+    fn a_change_keeps_every_ancestor() {
+        let src = tree(vec![
+            ("d", dir()),
+            ("d/e", dir()),
+            ("d/e/b", file("new", 2)),
+            ("z", dir()),
+        ]);
+        let mut dst = src.clone();
+        dst[3].1 = file("old", 1);
+        let m = run(&src, &dst);
+        assert_eq!(paths(&m.src.tree.entries), [".", "d", "d/e", "d/e/b"]);
+        assert_eq!(paths(&m.dst.tree.entries), [".", "d", "d/e", "d/e/b"]);
+    }
+
+    #[test]
+    fn an_added_directory_is_kept_whole_and_a_deleted_one_too() {
+        let src = tree(vec![("n", dir()), ("n/d", dir()), ("n/d/f", file("f", 1))]);
+        let dst = tree(vec![("o", dir()), ("o/f", file("f", 1))]);
+        let m = run(&src, &dst);
+        assert_eq!(paths(&m.src.tree.entries), [".", "n", "n/d", "n/d/f"]);
+        assert_eq!(paths(&m.dst.tree.entries), [".", "o", "o/f"]);
+    }
+
+    #[test]
+    fn unknown_hashes_are_kept_and_known_equal_ones_are_not() {
+        let src = tree(vec![("a", file("a", 1)), ("b", file("b", 1))]);
+        let mut dst = src.clone();
+        if let Content::File { hash, .. } = &mut dst[2].1.content {
+            *hash = None;
+        }
+        let m = run(&src, &dst);
+        assert_eq!(paths(&m.dst.tree.entries), [".", "b"]);
+        assert!(may_hold(&m.dst_hashes, &src[1].1.file_hash().unwrap()));
+        assert!(!may_hold(&m.dst_hashes, &src[2].1.file_hash().unwrap()));
+    }
+
+    #[test]
+    fn staging_names_at_the_root_are_kept() {
+        let t = tree(vec![(".dirsync-tmp-stage-0", file("x", 1))]);
+        let m = run(&t, &t);
+        assert_eq!(paths(&m.src.tree.entries), [".", ".dirsync-tmp-stage-0"]);
+    }
+
+    #[test]
+    fn only_directories_keep_a_subtree_open() {
+        let d = RelPath::root().join(b"a");
+        assert!(still_open(&d, &p("a/x")));
+        assert!(!still_open(&d, &p("a0")));
+        assert!(still_open(&d, &p("a-b")), "sorts between a and a/");
+        assert!(!still_open(&d, &p("b/x")));
+        assert!(still_open(&RelPath::root(), &p("z")));
+    }
+}
