@@ -74,7 +74,7 @@ pub struct Roots<'a> {
 fn builder() -> redb::Builder {
     let mut b = Database::builder();
     b.set_concurrency_mode(ConcurrencyMode::SingleWriter);
-    b.set_cache_size(32 * 1024 * 1024);
+    b.set_cache_size(4 * 1024 * 1024);
     b
 }
 
