@@ -253,7 +253,10 @@ fn join(
             // Names the planner must not pick for its staging area.
             || (path.depth() == 1 && path.name().starts_with(TMP_PREFIX.as_bytes()));
         if keep {
-            for o in open.iter_mut().filter(|o| !o.kept && o.path.is_ancestor_of(&path)) {
+            for o in open
+                .iter_mut()
+                .filter(|o| !o.kept && o.path.is_ancestor_of(&path))
+            {
                 o.kept = true;
                 kept.push((o.path.clone(), o.src.clone(), o.dst.clone()));
             }

@@ -100,8 +100,7 @@ fn scan_both(cfg: &Config, snapshot: &Snapshot) -> Result<(Scanned, Vec<Update>)
         src,
         dst,
         dst_hashes,
-    } =
-        merge::scan(&roots.source, &roots.replica, snapshot, cfg.owners)?;
+    } = merge::scan(&roots.source, &roots.replica, snapshot, cfg.owners)?;
     let (mut src_tree, mut dst_tree) = (src.tree, dst.tree);
     let src_moved = scan::reuse_by_inode(&mut src_tree, &src.stale);
     let dst_moved = scan::reuse_by_inode(&mut dst_tree, &dst.stale);
@@ -146,12 +145,18 @@ fn scan_both(cfg: &Config, snapshot: &Snapshot) -> Result<(Scanned, Vec<Update>)
 }
 
 /// Diffs the kept trees and plans. Replica files that the merge dropped as unchanged can still
-/// be copy sources: when a wanted content may be among them, the recorded replica table is read
-/// for it.
+/// be copy sources: when a wanted content is in no kept replica file but may be among the
+/// others, the recorded replica table is read for it.
 fn make_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Plan> {
     let changes = diff(&s.src.entries, &s.dst.entries, cfg.owners, &|p| {
         s.src.is_unknown(p)
     });
+    let kept: HashSet<Hash> = s
+        .dst
+        .entries
+        .iter()
+        .filter_map(|(_, e)| e.file_hash())
+        .collect();
     let wanted: HashSet<Hash> = changes
         .iter()
         .filter_map(|c| match c {
@@ -162,7 +167,7 @@ fn make_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Plan> {
             }
             _ => None,
         })
-        .filter(|h| merge::may_hold(&s.dst_hashes, h))
+        .filter(|h| !kept.contains(h) && merge::may_hold(&s.dst_hashes, h))
         .collect();
     let mut copy_sources = Vec::new();
     if !wanted.is_empty() {
