@@ -256,9 +256,11 @@ pub struct Meta {
 pub enum Content {
     File {
         size: u64,
+        #[serde(with = "hash_bytes")]
         hash: Option<Hash>,
     },
     Dir {
+        #[serde(with = "hash_bytes")]
         tree: Option<Hash>,
     },
     Symlink {
@@ -266,6 +268,38 @@ pub enum Content {
     },
     /// A FIFO, socket or device found in the replica; never replicated, always removed.
     Special,
+}
+
+/// Hashes encode as one byte string, not as 32 separate numbers: that is what makes reading
+/// the index cheap.
+mod hash_bytes {
+    use super::Hash;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(h: &Option<Hash>, s: S) -> Result<S::Ok, S::Error> {
+        match h {
+            Some(h) => s.serialize_some(&Bytes(h)),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Serializes as a byte string.
+    struct Bytes<'a>(&'a [u8]);
+
+    impl serde::Serialize for Bytes<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Hash>, D::Error> {
+        match Option::<&'de [u8]>::deserialize(d)? {
+            None => Ok(None),
+            Some(b) => Hash::try_from(b)
+                .map(Some)
+                .map_err(|_| serde::de::Error::invalid_length(b.len(), &"32 bytes")),
+        }
+    }
 }
 
 /// The kind of a node, for messages and type-change detection.

@@ -25,7 +25,7 @@ use crate::entry::{Entry, Hash, RelPath};
 use crate::error::{Error, Result};
 
 /// Version of the table layout and value encoding.
-pub const SCHEMA: u32 = 1;
+pub const SCHEMA: u32 = 2;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const SOURCE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("source");
@@ -533,12 +533,16 @@ impl Snapshot {
 pub struct Cursor {
     path: PathBuf,
     records: Option<Records>,
-    peeked: Option<(Vec<u8>, Entry)>,
+    peeked: Option<Record>,
 }
 
+type Record = (
+    redb::AccessGuard<'static, &'static [u8]>,
+    redb::AccessGuard<'static, &'static [u8]>,
+);
+
 impl Cursor {
-    /// The next record, decoded and validated.
-    fn next_record(&mut self) -> Result<Option<(Vec<u8>, Entry)>> {
+    fn next_record(&mut self) -> Result<Option<Record>> {
         if let Some(r) = self.peeked.take() {
             return Ok(Some(r));
         }
@@ -546,19 +550,16 @@ impl Cursor {
             return Ok(None);
         };
         let path = &self.path;
-        guarded(path, || match records.next() {
-            None => Ok(None),
-            Some(item) => {
-                let (k, v) = item.map_err(|e| ierr(path, e))?;
-                let key = k.value();
-                let entry = decode(path, key, v.value())?;
-                Ok(Some((key.to_vec(), entry)))
-            }
+        guarded(path, || {
+            records.next().transpose().map_err(|e| ierr(path, e))
         })
     }
 
-    fn rel(&self, key: Vec<u8>) -> Result<RelPath> {
-        RelPath::from_bytes(&key).map_err(|e| damaged(&self.path, e))
+    /// Decodes and validates a record.
+    fn decode(&self, (k, v): &Record) -> Result<(RelPath, Entry)> {
+        let key = k.value();
+        let rel = RelPath::from_bytes(key).map_err(|e| damaged(&self.path, e))?;
+        Ok((rel, decode(&self.path, key, v.value())?))
     }
 
     /// Moves the cursor past `path`: hands each record before it to `passed` (paths the walk
@@ -569,12 +570,17 @@ impl Cursor {
         path: &RelPath,
         passed: &mut dyn FnMut(RelPath, Entry),
     ) -> Result<Option<Entry>> {
-        while let Some((key, entry)) = self.next_record()? {
-            match key.as_slice().cmp(path.as_bytes()) {
-                std::cmp::Ordering::Less => passed(self.rel(key)?, entry),
-                std::cmp::Ordering::Equal => return Ok(Some(entry)),
+        while let Some(r) = self.next_record()? {
+            match r.0.value().cmp(path.as_bytes()) {
+                std::cmp::Ordering::Less => {
+                    let (p, e) = self.decode(&r)?;
+                    passed(p, e);
+                }
+                std::cmp::Ordering::Equal => {
+                    return Ok(Some(decode(&self.path, r.0.value(), r.1.value())?));
+                }
                 std::cmp::Ordering::Greater => {
-                    self.peeked = Some((key, entry));
+                    self.peeked = Some(r);
                     return Ok(None);
                 }
             }
@@ -584,8 +590,9 @@ impl Cursor {
 
     /// Hands every record not reached yet to `passed`.
     pub fn finish(&mut self, passed: &mut dyn FnMut(RelPath, Entry)) -> Result<()> {
-        while let Some((key, entry)) = self.next_record()? {
-            passed(self.rel(key)?, entry);
+        while let Some(r) = self.next_record()? {
+            let (p, e) = self.decode(&r)?;
+            passed(p, e);
         }
         Ok(())
     }

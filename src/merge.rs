@@ -41,7 +41,39 @@ pub struct Side {
     pub seen: usize,
     /// The size of every file seen, kept or not: an unhashed file can only match a file of the
     /// same size on the other side.
-    pub sizes: HashSet<u64>,
+    pub sizes: Sizes,
+}
+
+/// A set of file sizes: a bitmap below 1 MiB, where most files are, and a hash set above.
+#[derive(Debug, Default)]
+pub struct Sizes {
+    small: Vec<u64>,
+    large: HashSet<u64>,
+}
+
+const SMALL: u64 = 1 << 20;
+
+impl Sizes {
+    pub fn insert(&mut self, n: u64) {
+        if n >= SMALL {
+            self.large.insert(n);
+            return;
+        }
+        if self.small.is_empty() {
+            self.small = vec![0; (SMALL / 64) as usize];
+        }
+        self.small[(n / 64) as usize] |= 1 << (n % 64);
+    }
+
+    pub fn contains(&self, n: u64) -> bool {
+        match n < SMALL {
+            true => self
+                .small
+                .get((n / 64) as usize)
+                .is_some_and(|w| w & (1 << (n % 64)) != 0),
+            false => self.large.contains(&n),
+        }
+    }
 }
 
 /// Both sides of a merged scan.
@@ -369,6 +401,19 @@ mod tests {
         assert_eq!(paths(&m.dst.tree.entries), [".", "b"]);
         assert!(may_hold(&m.dst_hashes, &src[1].1.file_hash().unwrap()));
         assert!(!may_hold(&m.dst_hashes, &src[2].1.file_hash().unwrap()));
+    }
+
+    #[test]
+    fn sizes_small_and_large() {
+        let mut s = Sizes::default();
+        assert!(!s.contains(0));
+        for n in [0, 63, 64, SMALL - 1, SMALL, 5 << 30] {
+            s.insert(n);
+            assert!(s.contains(n), "{n}");
+        }
+        for n in [1, 62, 65, SMALL - 2, SMALL + 1] {
+            assert!(!s.contains(n), "{n}");
+        }
     }
 
     #[test]

@@ -107,9 +107,9 @@ fn scan_both(cfg: &Config, snapshot: &Snapshot) -> Result<(Scanned, Vec<Update>)
     log::debug!("walked both trees in {:?}", t.elapsed());
     // Every unhashed file is kept by the merge; it needs a hash now only if some file on the
     // other side has its size (otherwise it is hashed while it is copied).
-    let need = |t: &Tree, other: &HashSet<u64>| -> Vec<usize> {
+    let need = |t: &Tree, other: &merge::Sizes| -> Vec<usize> {
         t.unhashed()
-            .filter(|&i| other.contains(&t.entries[i].1.size()))
+            .filter(|&i| other.contains(t.entries[i].1.size()))
             .collect()
     };
     let src_need = need(&src_tree, &dst.sizes);
