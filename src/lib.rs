@@ -4,8 +4,8 @@
 //! - [`entry`], [`error`], [`hash`]: the data model, errors, hashing.
 //! - [`index`] (the only user of redb), [`scan`] (walks a tree), [`replica`] (the only writer to
 //!   the destination).
-//! - [`merge`]: scans both trees at once in bounded memory, keeping what may differ.
 //! - [`diff`] and [`plan`]: pure functions from two trees to an ordered list of operations.
+//! - [`merge`]: scans both trees at once in bounded memory, keeping what may differ.
 //! - [`apply`] runs a plan; [`oplog`] logs it.
 //! - [`sync`], [`watch`], [`report`]: the commands; [`config`] validates their input.
 //!

@@ -255,11 +255,14 @@ impl Session {
             std::fs::create_dir_all(replica_root).map_err(|e| Error::io(replica_root, e))?;
         }
         let snapshot = self.index.snapshot()?;
-        let (s, learned) = scan_both(cfg, &snapshot)?;
+        let (mut s, learned) = scan_both(cfg, &snapshot)?;
         log::debug!("scanned in {:?}", start.elapsed());
         let plan = make_plan(cfg, &s, &snapshot)?;
         // Pages the snapshot still sees cannot be reused by the commits below.
         drop(snapshot);
+        // The plan holds what it needs; an initial sync's kept trees are the whole source.
+        s.src.entries = Vec::new();
+        s.dst.entries = Vec::new();
         log::debug!("planned in {:?}", start.elapsed());
         guard_rails(cfg, &s, &plan)?;
 
