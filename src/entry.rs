@@ -206,9 +206,7 @@ impl fmt::Debug for RelPath {
 }
 
 /// A point in time as seconds and nanoseconds since the epoch.
-#[derive(
-    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
 pub struct Time {
     pub sec: i64,
     pub nsec: u32,
@@ -231,7 +229,7 @@ impl Time {
 }
 
 /// The stat fields that change whenever a file's content can have changed.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct Fingerprint {
     pub size: u64,
     pub mtime: Time,
@@ -241,7 +239,7 @@ pub struct Fingerprint {
 }
 
 /// What is replicated of a node besides its content.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct Meta {
     /// Permission bits including setuid, setgid and sticky (`st_mode & 0o7777`).
     pub mode: u32,
@@ -298,6 +296,155 @@ mod hash_bytes {
             Some(b) => Hash::try_from(b)
                 .map(Some)
                 .map_err(|_| serde::de::Error::invalid_length(b.len(), &"32 bytes")),
+        }
+    }
+}
+
+/// Time, fingerprint and metadata encode as fixed-width little-endian byte strings: one read
+/// per group instead of a dozen variable-length integers.
+mod fixed {
+    use super::{Fingerprint, Meta, Time};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    struct Out<const N: usize>([u8; N], usize);
+
+    impl<const N: usize> Out<N> {
+        fn new() -> Self {
+            Out([0; N], 0)
+        }
+        fn put(&mut self, b: &[u8]) -> &mut Self {
+            self.0[self.1..self.1 + b.len()].copy_from_slice(b);
+            self.1 += b.len();
+            self
+        }
+        fn time(&mut self, t: Time) -> &mut Self {
+            self.put(&t.sec.to_le_bytes()).put(&t.nsec.to_le_bytes())
+        }
+    }
+
+    struct In<'a>(&'a [u8]);
+
+    impl In<'_> {
+        fn take<const K: usize>(&mut self) -> [u8; K] {
+            let (head, rest) = self.0.split_at(K);
+            self.0 = rest;
+            head.try_into().expect("split at K")
+        }
+        fn u32(&mut self) -> u32 {
+            u32::from_le_bytes(self.take())
+        }
+        fn u64(&mut self) -> u64 {
+            u64::from_le_bytes(self.take())
+        }
+        fn time(&mut self) -> Time {
+            let sec = i64::from_le_bytes(self.take());
+            Time {
+                sec,
+                nsec: self.u32(),
+            }
+        }
+    }
+
+    fn read<'de, D: Deserializer<'de>>(d: D, n: usize) -> Result<In<'de>, D::Error> {
+        let b = <&'de [u8]>::deserialize(d)?;
+        match b.len() == n {
+            true => Ok(In(b)),
+            false => Err(serde::de::Error::invalid_length(
+                b.len(),
+                &"a fixed-width record",
+            )),
+        }
+    }
+
+    impl Serialize for Time {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(&Out::<12>::new().time(*self).0)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Time {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            Ok(read(d, 12)?.time())
+        }
+    }
+
+    impl Serialize for Fingerprint {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut o = Out::<48>::new();
+            o.put(&self.size.to_le_bytes())
+                .time(self.mtime)
+                .time(self.ctime);
+            o.put(&self.ino.to_le_bytes()).put(&self.dev.to_le_bytes());
+            s.serialize_bytes(&o.0)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Fingerprint {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let mut i = read(d, 48)?;
+            Ok(Fingerprint {
+                size: i.u64(),
+                mtime: i.time(),
+                ctime: i.time(),
+                ino: i.u64(),
+                dev: i.u64(),
+            })
+        }
+    }
+
+    impl Serialize for Meta {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut o = Out::<24>::new();
+            o.put(&self.mode.to_le_bytes()).time(self.mtime);
+            o.put(&self.uid.to_le_bytes()).put(&self.gid.to_le_bytes());
+            s.serialize_bytes(&o.0)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Meta {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let mut i = read(d, 24)?;
+            Ok(Meta {
+                mode: i.u32(),
+                mtime: i.time(),
+                uid: i.u32(),
+                gid: i.u32(),
+            })
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use crate::entry::*;
+
+        #[test]
+        fn entries_round_trip_through_postcard() {
+            let t = |sec, nsec| Time { sec, nsec };
+            let e = Entry {
+                content: Content::File {
+                    size: u64::MAX,
+                    hash: Some([7; 32]),
+                },
+                meta: Meta {
+                    mode: 0o4755,
+                    mtime: t(-5, 999_999_999),
+                    uid: u32::MAX,
+                    gid: 3,
+                },
+                fp: Fingerprint {
+                    size: 1 << 40,
+                    mtime: t(i64::MIN, 1),
+                    ctime: t(i64::MAX, 2),
+                    ino: 9,
+                    dev: u64::MAX,
+                },
+                seen: t(1_800_000_000, 5),
+                link: Some(RelPath::from_bytes(b"a/b").unwrap()),
+            };
+            let bytes = postcard::to_stdvec(&e).unwrap();
+            assert_eq!(postcard::from_bytes::<Entry>(&bytes).unwrap(), e);
+            let cut = &bytes[..bytes.len() - 5];
+            assert!(postcard::from_bytes::<Entry>(cut).is_err());
         }
     }
 }

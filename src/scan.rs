@@ -217,13 +217,18 @@ impl Item {
     }
 }
 
-/// Compares two listing items as their full paths compare.
+/// Compares two listing items as their full paths compare: by name, where a subtree's name is
+/// followed by '/'.
 fn item_order(a: &Item, b: &Item) -> std::cmp::Ordering {
-    fn ext(n: &[u8], sub: bool) -> impl Iterator<Item = u8> + '_ {
-        n.iter().copied().chain(sub.then_some(b'/'))
-    }
     let ((an, asub), (bn, bsub)) = (a.key(), b.key());
-    ext(an, asub).cmp(ext(bn, bsub))
+    let n = an.len().min(bn.len());
+    match an[..n].cmp(&bn[..n]) {
+        std::cmp::Ordering::Equal => {}
+        o => return o,
+    }
+    // One name is a prefix of the other: compare the next byte of each, if any.
+    let next = |name: &[u8], sub: bool| name.get(n).copied().or(sub.then_some(b'/'));
+    next(an, asub).cmp(&next(bn, bsub))
 }
 
 /// A depth-first walk with one open descriptor per level; every `stat` is relative to its
