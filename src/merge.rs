@@ -15,7 +15,7 @@
 //! hashes of the two partial trees are equal for a directory only when its kept paths are the
 //! same on both sides, so the diff's subtree skip stays correct on them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
@@ -81,14 +81,65 @@ impl Sizes {
 pub struct Merged {
     pub src: Side,
     pub dst: Side,
-    /// The first four bytes of every known replica file hash, sorted: a cheap test of whether a
-    /// wanted content may already be somewhere in the replica.
-    pub dst_hashes: Vec<u32>,
+    pub contents: Contents,
 }
 
-/// True if some file of a replica with these [`Merged::dst_hashes`] may have content `h`.
-pub fn may_hold(dst_hashes: &[u32], h: &Hash) -> bool {
-    dst_hashes.binary_search(&prefix(h)).is_ok()
+/// What the merge keeps of the replica files it drops, to find copy sources among them.
+#[derive(Debug, Default)]
+pub struct Contents {
+    /// The first four bytes of every known replica file hash, sorted: a cheap test of whether a
+    /// wanted content may be somewhere in the replica.
+    prefixes: Vec<u32>,
+    /// Dropped (unchanged) replica files of at least [`LARGE`] bytes, by hash: the copies worth
+    /// finding are large, and large files are few.
+    large: HashMap<Hash, (RelPath, Entry)>,
+    /// More than [`MAX_LARGE`] such files were seen; `large` was given up.
+    overflow: bool,
+}
+
+/// Files from this size on are remembered by [`Contents`].
+pub const LARGE: u64 = 1 << 20;
+const MAX_LARGE: usize = 4096;
+
+/// Where a wanted content may be among the dropped replica files.
+#[derive(Debug, PartialEq)]
+pub enum Lookup<'a> {
+    Found(&'a (RelPath, Entry)),
+    Absent,
+    /// Only the recorded replica table can tell.
+    Unknown,
+}
+
+impl Contents {
+    /// Looks up content `h` of `size` bytes among the dropped replica files.
+    pub fn lookup(&self, h: &Hash, size: u64) -> Lookup<'_> {
+        if self.prefixes.binary_search(&prefix(h)).is_err() {
+            return Lookup::Absent;
+        }
+        match (size >= LARGE && !self.overflow, self.large.get(h)) {
+            (true, Some(found)) => Lookup::Found(found),
+            (true, None) => Lookup::Absent,
+            (false, _) => Lookup::Unknown,
+        }
+    }
+
+    fn add(&mut self, path: &RelPath, e: &Entry, dropped: bool) {
+        let Content::File {
+            size,
+            hash: Some(h),
+        } = e.content
+        else {
+            return;
+        };
+        self.prefixes.push(prefix(&h));
+        if dropped && size >= LARGE && !self.overflow {
+            self.large.insert(h, (path.clone(), e.clone()));
+            if self.large.len() > MAX_LARGE {
+                self.overflow = true;
+                self.large = HashMap::new();
+            }
+        }
+    }
 }
 
 fn prefix(h: &Hash) -> u32 {
@@ -268,11 +319,8 @@ fn join(
         }
         if let Some(e) = &d {
             m.dst.seen += 1;
-            if let Content::File { size, hash } = e.content {
+            if let Content::File { size, .. } = e.content {
                 m.dst.sizes.insert(size);
-                if let Some(h) = hash {
-                    m.dst_hashes.push(prefix(&h));
-                }
             }
         }
         while open.last().is_some_and(|o| !still_open(&o.path, &path)) {
@@ -292,6 +340,9 @@ fn join(
                 o.kept = true;
                 kept.push((o.path.clone(), o.src.clone(), o.dst.clone()));
             }
+        }
+        if let Some(e) = &d {
+            m.contents.add(&path, e, !keep);
         }
         let is_dir = |e: &Option<Entry>| e.as_ref().is_some_and(Entry::is_dir);
         if is_dir(&s) || is_dir(&d) {
@@ -316,8 +367,8 @@ fn join(
             m.dst.tree.entries.push((path, e));
         }
     }
-    m.dst_hashes.sort_unstable();
-    m.dst_hashes.dedup();
+    m.contents.prefixes.sort_unstable();
+    m.contents.prefixes.dedup();
     m
 }
 
@@ -399,8 +450,31 @@ mod tests {
         }
         let m = run(&src, &dst);
         assert_eq!(paths(&m.dst.tree.entries), [".", "b"]);
-        assert!(may_hold(&m.dst_hashes, &src[1].1.file_hash().unwrap()));
-        assert!(!may_hold(&m.dst_hashes, &src[2].1.file_hash().unwrap()));
+        let (a, b) = (src[1].1.file_hash().unwrap(), src[2].1.file_hash().unwrap());
+        assert_eq!(m.contents.lookup(&a, 1), Lookup::Unknown);
+        assert_eq!(m.contents.lookup(&b, 1), Lookup::Absent);
+    }
+
+    #[test]
+    fn large_dropped_replica_files_are_found_by_content() {
+        let big = |h: u8| Entry {
+            content: Content::File {
+                size: LARGE,
+                hash: Some([h; 32]),
+            },
+            ..file("", 1)
+        };
+        let src = tree(vec![("big", big(1)), ("gone", big(3))]);
+        let mut dst = tree(vec![("big", big(1)), ("old", big(2)), ("gone", big(3))]);
+        dst[1].1.meta.mode = 0o600; // "big": kept (metadata differ)
+        let m = run(&src, &dst);
+        assert_eq!(m.contents.lookup(&[1; 32], LARGE), Lookup::Absent, "kept");
+        assert_eq!(m.contents.lookup(&[2; 32], LARGE), Lookup::Absent, "kept");
+        let Lookup::Found((p, _)) = m.contents.lookup(&[3; 32], LARGE) else {
+            panic!("unchanged large file not found");
+        };
+        assert_eq!(p.to_string(), "gone");
+        assert_eq!(m.contents.lookup(&[4; 32], LARGE), Lookup::Absent);
     }
 
     #[test]

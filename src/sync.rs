@@ -85,8 +85,7 @@ struct Scanned {
     /// How many paths each walk saw.
     src_seen: usize,
     dst_seen: usize,
-    /// See [`merge::Merged::dst_hashes`].
-    dst_hashes: Vec<u32>,
+    contents: merge::Contents,
     /// Recorded replica paths that the walk did not find as files.
     dst_stale: HashSet<RelPath>,
 }
@@ -96,11 +95,8 @@ struct Scanned {
 fn scan_both(cfg: &Config, snapshot: &Snapshot) -> Result<(Scanned, Vec<Update>)> {
     let roots = &cfg.roots;
     let t = Instant::now();
-    let merge::Merged {
-        src,
-        dst,
-        dst_hashes,
-    } = merge::scan(&roots.source, &roots.replica, snapshot, cfg.owners)?;
+    let merge::Merged { src, dst, contents } =
+        merge::scan(&roots.source, &roots.replica, snapshot, cfg.owners)?;
     let (mut src_tree, mut dst_tree) = (src.tree, dst.tree);
     let src_moved = scan::reuse_by_inode(&mut src_tree, &src.stale);
     let dst_moved = scan::reuse_by_inode(&mut dst_tree, &dst.stale);
@@ -138,15 +134,16 @@ fn scan_both(cfg: &Config, snapshot: &Snapshot) -> Result<(Scanned, Vec<Update>)
         dst: dst_tree,
         src_seen: src.seen,
         dst_seen: dst.seen,
-        dst_hashes,
+        contents,
         dst_stale,
     };
     Ok((scanned, learned))
 }
 
 /// Diffs the kept trees and plans. Replica files that the merge dropped as unchanged can still
-/// be copy sources: when a wanted content is in no kept replica file but may be among the
-/// others, the recorded replica table is read for it.
+/// be copy sources: a wanted content that no kept replica file has is looked up in what the
+/// merge remembers of them, and when that cannot tell (a small file), in the recorded replica
+/// table.
 fn make_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Plan> {
     let changes = diff(&s.src.entries, &s.dst.entries, cfg.owners, &|p| {
         s.src.is_unknown(p)
@@ -157,21 +154,30 @@ fn make_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Plan> {
         .iter()
         .filter_map(|(_, e)| e.file_hash())
         .collect();
-    let wanted: HashSet<Hash> = changes
-        .iter()
-        .filter_map(|c| match c {
-            Change::Add { src, .. } | Change::Modify { src, .. } | Change::Type { src, .. }
-                if src.link.is_none() =>
-            {
-                src.file_hash()
-            }
-            _ => None,
-        })
-        .filter(|h| !kept.contains(h) && merge::may_hold(&s.dst_hashes, h))
-        .collect();
     let mut copy_sources = Vec::new();
-    if !wanted.is_empty() {
-        for (path, e) in snapshot.files_with_hashes(Table::Replica, &wanted)? {
+    let mut unknown = HashSet::new();
+    for c in &changes {
+        let (Change::Add { src, .. } | Change::Modify { src, .. } | Change::Type { src, .. }) = c
+        else {
+            continue;
+        };
+        let (Some(h), None) = (src.file_hash(), &src.link) else {
+            continue;
+        };
+        // An empty file is as quick to write as to copy.
+        if src.size() == 0 || kept.contains(&h) {
+            continue;
+        }
+        match s.contents.lookup(&h, src.size()) {
+            merge::Lookup::Found(found) => copy_sources.push(found.clone()),
+            merge::Lookup::Unknown => {
+                unknown.insert(h);
+            }
+            merge::Lookup::Absent => {}
+        }
+    }
+    if !unknown.is_empty() {
+        for (path, e) in snapshot.files_with_hashes(Table::Replica, &unknown)? {
             let kept = s.dst.get(&path).is_some();
             if !kept && !s.dst_stale.contains(&path) {
                 copy_sources.push((path, e));

@@ -603,6 +603,31 @@ fn duplicate_of_an_existing_file_is_reported_as_copy() {
 }
 
 #[test]
+fn duplicate_of_a_large_file_in_an_unchanged_directory_is_copied_inside_the_replica() {
+    let fx = Fixture::default();
+    write(&fx.src.join("keep/deep/orig.bin"), bytes(22, 3 << 20));
+    write(&fx.src.join("keep/small.txt"), "small\n");
+    fx.sync().code(0);
+
+    fs::create_dir(fx.src.join("new")).unwrap();
+    fs::copy(
+        fx.src.join("keep/deep/orig.bin"),
+        fx.src.join("new/copy.bin"),
+    )
+    .unwrap();
+    let lines = fx.status_lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "C keep/deep/orig.bin -> new/copy.bin"),
+        "expected a copy from the unchanged replica file, got {lines:?}"
+    );
+    fx.sync().code(0);
+    assert_mirror(&fx.src, &fx.dst);
+    fx.assert_up_to_date();
+}
+
+#[test]
 fn swap_of_two_files_and_two_directories() {
     let fx = Fixture::default();
     let s = &fx.src;
