@@ -383,12 +383,14 @@ pub fn apply(
                     .with_max_len(1)
                     .for_each_with(tx, |tx, w| {
                         let mut done = Vec::with_capacity(w[1] - w[0]);
-                        for (k, op) in run.iter().enumerate().take(w[1]).skip(w[0]) {
-                            if halt.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
-                                break;
+                        ctx.replica.batch(&mut || {
+                            for (k, op) in run.iter().enumerate().take(w[1]).skip(w[0]) {
+                                if halt.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
+                                    break;
+                                }
+                                done.push((k, ctx.run(op)));
                             }
-                            done.push((k, ctx.run(op)));
-                        }
+                        });
                         if !done.is_empty() {
                             let _ = tx.send(done);
                         }

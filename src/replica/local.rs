@@ -3,12 +3,14 @@
 //! acts on the last component with `*at` calls that do not follow symlinks. A symlink planted
 //! anywhere in the replica therefore makes the operation fail; it never redirects it outside.
 
+use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
@@ -21,6 +23,11 @@ use crate::plan::TMP_PREFIX;
 /// A replica rooted at a directory that exists.
 pub struct LocalReplica {
     root: OwnedFd,
+    /// Tells this replica's batch apart from another's on the same thread.
+    id: u64,
+    /// Who owns a file this process creates (when the directory's group is `egid` too).
+    euid: u32,
+    egid: u32,
     /// Whether owners are set (only root can).
     owners: bool,
     counter: AtomicU64,
@@ -39,10 +46,12 @@ struct NewFile {
     tmp: Option<Vec<u8>>,
 }
 
-/// A directory descriptor: the root's, borrowed, or one opened for a single operation.
+/// A directory descriptor: the root's, borrowed, one opened for a single operation, or the one
+/// the current [`Replica::batch`] keeps, with the directory's group.
 enum Dir<'a> {
     Root(BorrowedFd<'a>),
     Owned(OwnedFd),
+    Kept(Rc<OwnedFd>, u32),
 }
 
 impl AsFd for Dir<'_> {
@@ -50,9 +59,20 @@ impl AsFd for Dir<'_> {
         match self {
             Dir::Root(fd) => *fd,
             Dir::Owned(fd) => fd.as_fd(),
+            Dir::Kept(fd, _) => fd.as_fd(),
         }
     }
 }
+
+/// The directory a thread's batch keeps open: the path, the descriptor and the directory's group.
+type KeptDir = (RelPath, Rc<OwnedFd>, u32);
+
+thread_local! {
+    /// `Some` while a batch runs on this thread: the id of its replica and the last directory.
+    static BATCH: RefCell<Option<(u64, Option<KeptDir>)>> = const { RefCell::new(None) };
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 fn io_err(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
@@ -107,6 +127,9 @@ impl LocalReplica {
         .map_err(io_err)?;
         Ok(LocalReplica {
             root: fd,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            euid: rustix::process::geteuid().as_raw(),
+            egid: rustix::process::getegid().as_raw(),
             owners,
             counter: AtomicU64::new(0),
             pid: std::process::id(),
@@ -226,6 +249,43 @@ impl LocalReplica {
         if path.is_root() {
             return Ok(Dir::Root(self.root.as_fd()));
         }
+        let batch = BATCH.with_borrow(|b| match b {
+            Some((id, _)) if *id != self.id => None,
+            Some((_, Some((p, fd, gid)))) if p == path => Some(Ok(Dir::Kept(fd.clone(), *gid))),
+            Some(_) => Some(Err(())),
+            None => None,
+        });
+        match batch {
+            None => self.open_dir(path),
+            Some(Ok(kept)) => Ok(kept),
+            Some(Err(())) => {
+                let fd = match self.open_dir(path)? {
+                    Dir::Owned(fd) => Rc::new(fd),
+                    other => return Ok(other),
+                };
+                // The group matters only where owners are set.
+                let gid = match self.owners {
+                    true => rfs::fstat(&*fd).map_err(io_err)?.st_gid,
+                    false => u32::MAX,
+                };
+                BATCH.with_borrow_mut(|b| {
+                    *b = Some((self.id, Some((path.clone(), fd.clone(), gid))));
+                });
+                Ok(Dir::Kept(fd, gid))
+            }
+        }
+    }
+
+    /// A batch is for writes only; should anything else run in one, it keeps no directory.
+    fn forget_kept_dir(&self) {
+        BATCH.with_borrow_mut(|b| {
+            if let Some((_, kept)) = b {
+                *kept = None;
+            }
+        });
+    }
+
+    fn open_dir(&self, path: &RelPath) -> io::Result<Dir<'_>> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
         let resolve =
             ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
@@ -339,9 +399,13 @@ impl LocalReplica {
         }
     }
 
-    /// Sets owner, mode and mtime on an open file (owner first: chown clears setuid).
-    fn finish_file(&self, f: &File, meta: &Meta) -> io::Result<()> {
-        if self.owners {
+    /// Sets owner, mode and mtime on a new file in `dir` (owner first: chown clears setuid).
+    fn finish_file(&self, dir: &Dir, f: &File, meta: &Meta) -> io::Result<()> {
+        // A new file is ours, with our group or the directory's: both egid here, whatever the
+        // setgid bit or mount options say.
+        let ours = matches!(dir, Dir::Kept(_, gid) if *gid == self.egid)
+            && (meta.uid, meta.gid) == (self.euid, self.egid);
+        if self.owners && !ours {
             rfs::fchown(
                 f,
                 Some(rustix::fs::Uid::from_raw(meta.uid)),
@@ -389,7 +453,7 @@ impl LocalReplica {
     ) -> io::Result<Written> {
         let NewFile { mut file, tmp } = new;
         let result = fill(&mut file).and_then(|r| {
-            self.finish_file(&file, meta)?;
+            self.finish_file(dir, &file, meta)?;
             Ok(r)
         });
         let (hash, len) = match &tmp {
@@ -425,7 +489,22 @@ impl LocalReplica {
 }
 
 impl Replica for LocalReplica {
+    fn batch(&self, f: &mut dyn FnMut()) {
+        /// Ends the batch (closing the kept directory) even if `f` panics.
+        struct End;
+        impl Drop for End {
+            fn drop(&mut self) {
+                BATCH.with_borrow_mut(|b| *b = None);
+            }
+        }
+        let outer = BATCH.with_borrow_mut(|b| b.replace((self.id, None)));
+        assert!(outer.is_none(), "batches do not nest");
+        let _end = End;
+        f();
+    }
+
     fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()> {
+        self.forget_kept_dir();
         self.writable(&[from.parent(), to.parent()], || {
             let (fd, fname) = self.parent(from)?;
             let (td, tname) = self.parent(to)?;
@@ -434,6 +513,7 @@ impl Replica for LocalReplica {
     }
 
     fn remove(&self, path: &RelPath, kind: Kind) -> io::Result<()> {
+        self.forget_kept_dir();
         self.writable(&[path.parent()], || self.remove_once(path, kind))
     }
 
@@ -711,5 +791,60 @@ mod tests {
             assert!(write(&r, "d", b"x", &meta(0o644, 1)).is_err(), "{how}");
             assert_eq!(names(root), ["d"], "{how}");
         }
+    }
+
+    #[test]
+    fn a_batch_keeps_directories_and_owners_still_come_out_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let is_root = rustix::process::geteuid().is_root();
+        let r = LocalReplica::open(root, is_root).unwrap();
+        let (uid, gid) = (r.euid, r.egid);
+        r.mkdir(&p("a")).unwrap();
+        r.mkdir(&p("s")).unwrap();
+        if is_root {
+            // A setgid directory of another group: a new file would get that group.
+            std::os::unix::fs::chown(root.join("s"), None, Some(4242)).unwrap();
+            std::fs::set_permissions(root.join("s"), PermissionsExt::from_mode(0o2775)).unwrap();
+        }
+        let ours = Meta {
+            uid,
+            gid,
+            ..meta(0o644, 3)
+        };
+        let theirs = Meta {
+            uid: 1234,
+            gid: 5678,
+            ..meta(0o644, 3)
+        };
+        let files = [
+            ("a/1", ours),
+            ("a/2", theirs),
+            ("s/1", ours),
+            ("s/2", theirs),
+            ("a/3", ours),
+            ("top", ours),
+        ];
+        let mut written = Vec::new();
+        r.batch(&mut || {
+            for (path, m) in &files {
+                written.push(write(&r, path, path.as_bytes(), m).unwrap());
+            }
+        });
+        for ((path, m), w) in files.iter().zip(&written) {
+            assert_written(root, path, w, path.as_bytes(), m);
+            let md = std::fs::symlink_metadata(root.join(path)).unwrap();
+            if is_root {
+                assert_eq!((md.uid(), md.gid()), (m.uid, m.gid), "{path}");
+            }
+        }
+        assert_eq!(names(&root.join("a")), ["1", "2", "3"]);
+        assert_eq!(names(&root.join("s")), ["1", "2"]);
+        // The batch is over: nothing is kept, and another batch starts afresh.
+        assert!(BATCH.with_borrow(|b| b.is_none()));
+        r.batch(&mut || {
+            write(&r, "a/4", b"x", &ours).unwrap();
+        });
+        assert_eq!(names(&root.join("a")), ["1", "2", "3", "4"]);
     }
 }

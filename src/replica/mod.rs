@@ -29,6 +29,12 @@ pub struct Written {
 }
 
 pub trait Replica: Sync {
+    /// Runs `f`, during which operations on the calling thread may keep the last directory they
+    /// opened for the next one. Only for writes of files: nothing may rename or remove a
+    /// directory of the replica meanwhile.
+    fn batch(&self, f: &mut dyn FnMut()) {
+        f()
+    }
     /// Renames a file, symlink or whole directory.
     fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()>;
     /// Removes a file, symlink, special file or empty directory.
