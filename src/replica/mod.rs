@@ -4,9 +4,9 @@
 //! Contract shared by every implementation:
 //! - Paths are [`RelPath`]s below the replica root; nothing outside it is ever touched, and no
 //!   symlink inside it is followed.
-//! - `write_file`, `copy_file`, `symlink` and `hard_link` build the node under a temporary name
-//!   in the target's directory, set its metadata, and rename it into place: a reader or a crash
-//!   sees the old node or the new one, never a partial one.
+//! - `write_file`, `copy_file`, `symlink` and `hard_link` build the node unnamed or under a
+//!   temporary name in the target's directory, set its metadata, and link or rename it into
+//!   place: a reader or a crash sees the old node or the new one, never a partial one.
 //! - `mkdir` of an existing directory succeeds; `remove` of a missing node succeeds.
 
 pub mod local;
