@@ -272,9 +272,14 @@ impl Ctx<'_> {
             }
             Ok(())
         };
-        let w = self
-            .replica
-            .write_file(path, &mut &file, &src.meta, &mut check)?;
+        // Reading stops at the size fstat gave: a file that grew meanwhile fails the check anyway,
+        // and a small file needs no second read to see its end.
+        let w = self.replica.write_file(
+            path,
+            &mut io::Read::take(&file, before.len()),
+            &src.meta,
+            &mut check,
+        )?;
         let (h, n, rfp) = (w.hash, w.len, w.fp);
         let content = Content::File {
             size: n,
@@ -291,6 +296,33 @@ impl Ctx<'_> {
         updates.push(Update::Put(Table::Source, path.clone(), src));
         Ok((updates, n))
     }
+}
+
+/// A chunk of a write run ends after this many files...
+const CHUNK_OPS: usize = 32;
+/// ...or once it holds this many bytes, so that large files are spread over the pool.
+const CHUNK_BYTES: u64 = 1 << 20;
+
+/// Splits a run of writes into chunks of neighbouring files, as boundaries (`0`, ..., `len`).
+/// A worker copies a chunk in order and sends its results at once: one wake-up of the recorder
+/// per chunk instead of per file, and each worker stays in its own directories.
+fn chunks(run: &[Op]) -> Vec<usize> {
+    let mut bounds = vec![0];
+    let (mut ops, mut bytes) = (0, 0u64);
+    for (k, op) in run.iter().enumerate() {
+        if let Op::Write { src, .. } = op {
+            bytes += src.size();
+        }
+        ops += 1;
+        if ops == CHUNK_OPS || bytes >= CHUNK_BYTES {
+            bounds.push(k + 1);
+            (ops, bytes) = (0, 0);
+        }
+    }
+    if ops > 0 {
+        bounds.push(run.len());
+    }
+    bounds
 }
 
 /// Test hook: `DIRSYNC_FAULT_KILL_AFTER=N` kills the process with SIGKILL right after the N-th
@@ -331,25 +363,40 @@ pub fn apply(
             }
             continue;
         }
-        // A run of writes from the source: copied on the rayon pool while this thread records
-        // and logs each result as it arrives.
+        // A run of writes from the source: copied on the rayon pool, in chunks of neighbouring
+        // files (see [`chunks`]), while this thread records and logs each result as its chunk
+        // arrives.
         let n = ops[i..]
             .iter()
             .take_while(|o| matches!(o, Op::Write { .. }))
             .count();
         let run = &ops[i..i + n];
+        let bounds = chunks(run);
         let halt = AtomicBool::new(false);
-        let (tx, rx) = std::sync::mpsc::channel::<(usize, OpResult)>();
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<(usize, OpResult)>>();
         let recorded: Result<()> = std::thread::scope(|s| {
             let (ctx, halt) = (&ctx, &halt);
+            let bounds = &bounds;
             s.spawn(move || {
-                run.par_iter().enumerate().for_each_with(tx, |tx, (k, op)| {
-                    if !halt.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
-                        let _ = tx.send((k, ctx.run(op)));
-                    }
-                });
+                bounds
+                    .par_windows(2)
+                    .with_max_len(1)
+                    .for_each_with(tx, |tx, w| {
+                        let mut done = Vec::with_capacity(w[1] - w[0]);
+                        ctx.replica.batch(&mut || {
+                            for (k, op) in run.iter().enumerate().take(w[1]).skip(w[0]) {
+                                if halt.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
+                                    break;
+                                }
+                                done.push((k, ctx.run(op)));
+                            }
+                        });
+                        if !done.is_empty() {
+                            let _ = tx.send(done);
+                        }
+                    });
             });
-            for (k, res) in rx {
+            for (k, res) in rx.into_iter().flatten() {
                 if let Err(e) = out.finish(&run[k], res, rec, log, kill_after) {
                     halt.store(true, Ordering::Relaxed);
                     return Err(e);

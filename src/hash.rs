@@ -40,33 +40,48 @@ pub fn copy_hashing(r: &mut dyn Read, w: &mut dyn Write) -> io::Result<(Hash, u6
 
 /// Files at least this large are hashed on every core.
 pub const PARALLEL_HASH_MIN: u64 = 8 * 1024 * 1024;
-const PARALLEL_BUF: usize = 4 * 1024 * 1024;
+/// Block size for large files: big enough that each `update_rayon` splits across the pool, small
+/// enough that a block read is still in the cache when it is hashed.
+const PARALLEL_BUF: usize = 1024 * 1024;
 
-/// Hashes everything `r` yields; `size_hint` picks the strategy (a large file is read in big
-/// blocks that BLAKE3 splits across the rayon pool).
-pub fn hash_reader(r: &mut dyn Read, size_hint: u64) -> io::Result<(Hash, u64)> {
+/// Reads until `buf` is full or `r` is at its end; returns the count.
+fn fill(r: &mut (dyn Read + Send), buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(k) => filled += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Hashes everything `r` yields; `size_hint` picks the strategy. A large file is read in big
+/// blocks, double-buffered: the next block is read while BLAKE3 splits the current one across
+/// the rayon pool. Every byte read is hashed exactly once, in order, so the result is the hash
+/// of what was read and the count says how much that was.
+pub fn hash_reader(r: &mut (dyn Read + Send), size_hint: u64) -> io::Result<(Hash, u64)> {
     if size_hint < PARALLEL_HASH_MIN {
         return copy_hashing(r, &mut io::sink());
     }
-    let mut buf = vec![0u8; PARALLEL_BUF];
+    let mut cur = vec![0u8; PARALLEL_BUF];
+    let mut next = vec![0u8; PARALLEL_BUF];
     let mut hasher = blake3::Hasher::new();
     let mut n = 0u64;
-    loop {
-        // Fill the whole block, so that each parallel update gets a large input.
-        let mut filled = 0;
-        while filled < buf.len() {
-            match r.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(k) => filled += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        if filled == 0 {
-            break;
-        }
-        hasher.update_rayon(&buf[..filled]);
+    let mut filled = fill(r, &mut cur)?;
+    while filled > 0 {
+        let block = &cur[..filled];
+        let (read, ()) = rayon::join(
+            || fill(r, &mut next),
+            || {
+                hasher.update_rayon(block);
+            },
+        );
         n += filled as u64;
+        filled = read?;
+        std::mem::swap(&mut cur, &mut next);
     }
     Ok((*hasher.finalize().as_bytes(), n))
 }
@@ -263,6 +278,101 @@ mod tests {
         assert_eq!(n as usize, data.len());
         assert_eq!(a, b);
         assert_eq!(a, *blake3::hash(&data).as_bytes());
+    }
+
+    /// Hands out bytes in uneven pieces, changing the data between reads, and keeps a copy of
+    /// exactly what it handed out.
+    struct Shifty {
+        given: Vec<u8>,
+        reads: usize,
+        limit: usize,
+        fail_at: Option<usize>,
+    }
+
+    impl Read for Shifty {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.reads += 1;
+            if Some(self.reads) == self.fail_at {
+                return Err(io::Error::other("device gone"));
+            }
+            if self.reads % 7 == 3 {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            let left = self.limit - self.given.len();
+            let k = buf.len().min(left).min(1 + (self.reads * 7919) % 300_000);
+            for (i, b) in buf[..k].iter_mut().enumerate() {
+                *b = (self.reads as u8).wrapping_mul(31) ^ (i as u8);
+            }
+            self.given.extend_from_slice(&buf[..k]);
+            Ok(k)
+        }
+    }
+
+    #[test]
+    fn large_hash_covers_exactly_the_bytes_read_whatever_the_read_sizes() {
+        for limit in [
+            PARALLEL_BUF - 1,
+            PARALLEL_BUF,
+            PARALLEL_BUF + 1,
+            3 * PARALLEL_BUF + 12345,
+        ] {
+            let mut r = Shifty {
+                given: Vec::new(),
+                reads: 0,
+                limit,
+                fail_at: None,
+            };
+            let (h, n) = hash_reader(&mut r, PARALLEL_HASH_MIN).unwrap();
+            assert_eq!(n as usize, limit);
+            assert_eq!(r.given.len(), limit);
+            assert_eq!(h, *blake3::hash(&r.given).as_bytes());
+        }
+    }
+
+    #[test]
+    fn large_hash_reports_a_read_error() {
+        let mut r = Shifty {
+            given: Vec::new(),
+            reads: 0,
+            limit: 4 * PARALLEL_BUF,
+            fail_at: Some(10),
+        };
+        let e = hash_reader(&mut r, PARALLEL_HASH_MIN).unwrap_err();
+        assert_eq!(e.to_string(), "device gone");
+    }
+
+    #[test]
+    fn large_file_growing_while_hashed_gets_the_hash_of_what_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        let block: Vec<u8> = (0..PARALLEL_BUF).map(|i| (i * 13 + 5) as u8).collect();
+        let mut f = std::fs::File::create(&path).unwrap();
+        for _ in 0..(PARALLEL_HASH_MIN as usize / PARALLEL_BUF + 2) {
+            f.write_all(&block).unwrap();
+        }
+        let start = f.metadata().unwrap().len();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (h, n) = std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut w = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .unwrap();
+                for i in 0..64u8 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    w.write_all(&[i; 100_003]).unwrap();
+                }
+            });
+            let mut r = std::fs::File::open(&path).unwrap();
+            let out = hash_reader(&mut r, start).unwrap();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            out
+        });
+        let all = std::fs::read(&path).unwrap();
+        assert!(n >= start && n as usize <= all.len());
+        assert_eq!(h, *blake3::hash(&all[..n as usize]).as_bytes());
     }
 
     #[test]

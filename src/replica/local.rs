@@ -3,13 +3,15 @@
 //! acts on the last component with `*at` calls that do not follow symlinks. A symlink planted
 //! anywhere in the replica therefore makes the operation fail; it never redirects it outside.
 
+use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 
@@ -21,16 +23,35 @@ use crate::plan::TMP_PREFIX;
 /// A replica rooted at a directory that exists.
 pub struct LocalReplica {
     root: OwnedFd,
+    /// Tells this replica's batch apart from another's on the same thread.
+    id: u64,
+    /// Who owns a file this process creates (when the directory's group is `egid` too).
+    euid: u32,
+    egid: u32,
     /// Whether owners are set (only root can).
     owners: bool,
     counter: AtomicU64,
     pid: u32,
+    /// Whether new files start unnamed (`O_TMPFILE`) and are linked in when complete. Cleared the
+    /// first time the filesystem refuses it; every later file then uses a temporary name.
+    tmpfile: AtomicBool,
+    /// Whether `linkat(AT_EMPTY_PATH)` works (it needs `CAP_DAC_READ_SEARCH`); the link through
+    /// `/proc/self/fd` works for everyone but costs a path walk in procfs.
+    link_empty_path: AtomicBool,
 }
 
-/// A directory descriptor: the root's, borrowed, or one opened for a single operation.
+/// A file being written, not yet in place: unnamed (`O_TMPFILE`), or under a temporary name.
+struct NewFile {
+    file: File,
+    tmp: Option<Vec<u8>>,
+}
+
+/// A directory descriptor: the root's, borrowed, one opened for a single operation, or the one
+/// the current [`Replica::batch`] keeps, with the directory's group.
 enum Dir<'a> {
     Root(BorrowedFd<'a>),
     Owned(OwnedFd),
+    Kept(Rc<OwnedFd>, u32),
 }
 
 impl AsFd for Dir<'_> {
@@ -38,9 +59,20 @@ impl AsFd for Dir<'_> {
         match self {
             Dir::Root(fd) => *fd,
             Dir::Owned(fd) => fd.as_fd(),
+            Dir::Kept(fd, _) => fd.as_fd(),
         }
     }
 }
+
+/// The directory a thread's batch keeps open: the path, the descriptor and the directory's group.
+type KeptDir = (RelPath, Rc<OwnedFd>, u32);
+
+thread_local! {
+    /// `Some` while a batch runs on this thread: the id of its replica and the last directory.
+    static BATCH: RefCell<Option<(u64, Option<KeptDir>)>> = const { RefCell::new(None) };
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 fn io_err(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
@@ -95,9 +127,17 @@ impl LocalReplica {
         .map_err(io_err)?;
         Ok(LocalReplica {
             root: fd,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            euid: rustix::process::geteuid().as_raw(),
+            egid: rustix::process::getegid().as_raw(),
             owners,
             counter: AtomicU64::new(0),
             pid: std::process::id(),
+            // Without /proc only CAP_DAC_READ_SEARCH can link an unnamed file; root is likely to.
+            tmpfile: AtomicBool::new(
+                Path::new("/proc/self/fd").is_dir() || rustix::process::geteuid().is_root(),
+            ),
+            link_empty_path: AtomicBool::new(true),
         })
     }
 
@@ -209,6 +249,43 @@ impl LocalReplica {
         if path.is_root() {
             return Ok(Dir::Root(self.root.as_fd()));
         }
+        let batch = BATCH.with_borrow(|b| match b {
+            Some((id, _)) if *id != self.id => None,
+            Some((_, Some((p, fd, gid)))) if p == path => Some(Ok(Dir::Kept(fd.clone(), *gid))),
+            Some(_) => Some(Err(())),
+            None => None,
+        });
+        match batch {
+            None => self.open_dir(path),
+            Some(Ok(kept)) => Ok(kept),
+            Some(Err(())) => {
+                let fd = match self.open_dir(path)? {
+                    Dir::Owned(fd) => Rc::new(fd),
+                    other => return Ok(other),
+                };
+                // The group matters only where owners are set.
+                let gid = match self.owners {
+                    true => rfs::fstat(&*fd).map_err(io_err)?.st_gid,
+                    false => u32::MAX,
+                };
+                BATCH.with_borrow_mut(|b| {
+                    *b = Some((self.id, Some((path.clone(), fd.clone(), gid))));
+                });
+                Ok(Dir::Kept(fd, gid))
+            }
+        }
+    }
+
+    /// A batch is for writes only; should anything else run in one, it keeps no directory.
+    fn forget_kept_dir(&self) {
+        BATCH.with_borrow_mut(|b| {
+            if let Some((_, kept)) = b {
+                *kept = None;
+            }
+        });
+    }
+
+    fn open_dir(&self, path: &RelPath) -> io::Result<Dir<'_>> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
         let resolve =
             ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
@@ -253,9 +330,82 @@ impl LocalReplica {
         }
     }
 
-    /// Sets owner, mode and mtime on an open file (owner first: chown clears setuid).
-    fn finish_file(&self, f: &File, meta: &Meta) -> io::Result<()> {
-        if self.owners {
+    /// Creates an empty file in `dir` that is not in place yet: unnamed where the filesystem
+    /// supports `O_TMPFILE`, else under a temporary name.
+    fn create_new(&self, dir: &Dir) -> io::Result<NewFile> {
+        if self.tmpfile.load(Ordering::Relaxed) {
+            let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
+            match rfs::openat(dir, ".", flags, Mode::from_raw_mode(0o600)) {
+                Ok(fd) => {
+                    return Ok(NewFile {
+                        file: File::from(fd),
+                        tmp: None,
+                    });
+                }
+                // Not supported by this filesystem (or kernel): temporary names from now on.
+                Err(
+                    rustix::io::Errno::OPNOTSUPP
+                    | rustix::io::Errno::ISDIR
+                    | rustix::io::Errno::INVAL
+                    | rustix::io::Errno::NOSYS,
+                ) => self.tmpfile.store(false, Ordering::Relaxed),
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        let (file, tmp) = self.create_tmp(dir)?;
+        Ok(NewFile {
+            file,
+            tmp: Some(tmp),
+        })
+    }
+
+    /// Gives the unnamed file `f` the name `name` in `dir`. A name that is taken is replaced
+    /// atomically: the file is linked under a temporary name and renamed over it.
+    fn link_new(&self, dir: &Dir, f: &File, name: &[u8]) -> io::Result<()> {
+        let link = |to: &[u8]| {
+            if self.link_empty_path.load(Ordering::Relaxed) {
+                match rfs::linkat(f, "", dir, os(to), AtFlags::EMPTY_PATH) {
+                    // Refused without CAP_DAC_READ_SEARCH: through /proc from now on.
+                    Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM) => {
+                        self.link_empty_path.store(false, Ordering::Relaxed)
+                    }
+                    other => return other,
+                }
+            }
+            // The magic link names exactly the open inode; only `dir` and `to` are in the replica.
+            let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(f));
+            rfs::linkat(
+                rfs::CWD,
+                proc.as_str(),
+                dir,
+                os(to),
+                AtFlags::SYMLINK_FOLLOW,
+            )
+        };
+        match link(name) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::EXIST) => {
+                let tmp = loop {
+                    let tmp = self.tmp_name();
+                    match link(&tmp) {
+                        Ok(()) => break tmp,
+                        Err(rustix::io::Errno::EXIST) => continue,
+                        Err(e) => return Err(io_err(e)),
+                    }
+                };
+                self.commit(dir, &tmp, name, Ok(()))
+            }
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    /// Sets owner, mode and mtime on a new file in `dir` (owner first: chown clears setuid).
+    fn finish_file(&self, dir: &Dir, f: &File, meta: &Meta) -> io::Result<()> {
+        // A new file is ours, with our group or the directory's: both egid here, whatever the
+        // setgid bit or mount options say.
+        let ours = matches!(dir, Dir::Kept(_, gid) if *gid == self.egid)
+            && (meta.uid, meta.gid) == (self.euid, self.egid);
+        if self.owners && !ours {
             rfs::fchown(
                 f,
                 Some(rustix::fs::Uid::from_raw(meta.uid)),
@@ -291,24 +441,32 @@ impl LocalReplica {
         }
     }
 
-    /// Writes a file under a temporary name in `dir`, sets its metadata, and renames it over
-    /// `name`. Returns what `fill` wrote and the fingerprint of the file in place.
+    /// Fills a new file, sets its metadata, and puts it in place as `name` in `dir`. Returns
+    /// what `fill` wrote and the fingerprint of the file in place.
     fn write_into(
         &self,
         dir: &Dir,
-        (mut f, tmp): (File, Vec<u8>),
+        new: NewFile,
         name: &[u8],
         meta: &Meta,
         fill: impl FnOnce(&mut File) -> io::Result<(Hash, u64)>,
     ) -> io::Result<Written> {
-        let result = fill(&mut f).and_then(|r| {
-            self.finish_file(&f, meta)?;
+        let NewFile { mut file, tmp } = new;
+        let result = fill(&mut file).and_then(|r| {
+            self.finish_file(dir, &file, meta)?;
             Ok(r)
         });
-        drop(f);
-        let (hash, len) = self.commit(dir, &tmp, name, result)?;
-        // After the rename: a rename changes the inode's ctime.
-        let st = rfs::statat(dir, os(name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
+        let (hash, len) = match &tmp {
+            Some(tmp) => self.commit(dir, tmp, name, result)?,
+            // An unnamed file that fails simply vanishes when it is closed.
+            None => {
+                let r = result?;
+                self.link_new(dir, &file, name)?;
+                r
+            }
+        };
+        // After it is in place: a link or rename changes the inode's ctime.
+        let st = rfs::fstat(&file).map_err(io_err)?;
         Ok(Written {
             hash,
             len,
@@ -331,7 +489,22 @@ impl LocalReplica {
 }
 
 impl Replica for LocalReplica {
+    fn batch(&self, f: &mut dyn FnMut()) {
+        /// Ends the batch (closing the kept directory) even if `f` panics.
+        struct End;
+        impl Drop for End {
+            fn drop(&mut self) {
+                BATCH.with_borrow_mut(|b| *b = None);
+            }
+        }
+        let outer = BATCH.with_borrow_mut(|b| b.replace((self.id, None)));
+        assert!(outer.is_none(), "batches do not nest");
+        let _end = End;
+        f();
+    }
+
     fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()> {
+        self.forget_kept_dir();
         self.writable(&[from.parent(), to.parent()], || {
             let (fd, fname) = self.parent(from)?;
             let (td, tname) = self.parent(to)?;
@@ -340,6 +513,7 @@ impl Replica for LocalReplica {
     }
 
     fn remove(&self, path: &RelPath, kind: Kind) -> io::Result<()> {
+        self.forget_kept_dir();
         self.writable(&[path.parent()], || self.remove_once(path, kind))
     }
 
@@ -355,8 +529,8 @@ impl Replica for LocalReplica {
         check: Check,
     ) -> io::Result<Written> {
         let (d, name) = self.parent(path)?;
-        let tmp = self.writable(&[path.parent()], || self.create_tmp(&d))?;
-        self.write_into(&d, tmp, &name, meta, |f| {
+        let new = self.writable(&[path.parent()], || self.create_new(&d))?;
+        self.write_into(&d, new, &name, meta, |f| {
             let (h, n) = hash::copy_hashing(data, f)?;
             check(&h, n)?;
             Ok((h, n))
@@ -379,17 +553,17 @@ impl Replica for LocalReplica {
         }
         let fp = fingerprint_of(&st);
         let (td, tname) = self.parent(to)?;
-        let tmp = self.writable(&[to.parent()], || self.create_tmp(&td))?;
+        let new = self.writable(&[to.parent()], || self.create_new(&td))?;
         match trusted {
             Some((want, h)) if *want == fp => {
                 let h = *h;
-                self.write_into(&td, tmp, &tname, meta, |f| {
+                self.write_into(&td, new, &tname, meta, |f| {
                     let n = kernel_copy(&src, f, fp.size)?;
                     check(&h, n)?;
                     Ok((h, n))
                 })
             }
-            _ => self.write_into(&td, tmp, &tname, meta, |f| {
+            _ => self.write_into(&td, new, &tname, meta, |f| {
                 let (h, n) = hash::copy_hashing(&mut &src, f)?;
                 check(&h, n)?;
                 Ok((h, n))
@@ -473,5 +647,204 @@ fn kernel_copy(src: &File, dst: &mut File, len: u64) -> io::Result<u64> {
             }
             Err(e) => return Err(io_err(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn p(s: &str) -> RelPath {
+        RelPath::from_bytes(s.as_bytes()).unwrap()
+    }
+
+    fn meta(mode: u32, sec: i64) -> Meta {
+        Meta {
+            mode,
+            mtime: Time { sec, nsec: 7 },
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    /// The three ways a new file can be put in place: (O_TMPFILE, linkat(AT_EMPTY_PATH)).
+    const MODES: [(&str, bool, bool); 3] = [
+        ("O_TMPFILE, AT_EMPTY_PATH", true, true),
+        ("O_TMPFILE, /proc", true, false),
+        ("temporary name", false, false),
+    ];
+
+    fn replica(root: &Path, (_, tmpfile, empty_path): (&str, bool, bool)) -> LocalReplica {
+        let r = LocalReplica::open(root, false).unwrap();
+        r.tmpfile.store(tmpfile, Ordering::Relaxed);
+        r.link_empty_path.store(empty_path, Ordering::Relaxed);
+        r
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn write(r: &LocalReplica, path: &str, data: &[u8], m: &Meta) -> io::Result<Written> {
+        r.write_file(&p(path), &mut &data[..], m, &mut |_, _| Ok(()))
+    }
+
+    fn assert_written(root: &Path, path: &str, w: &Written, data: &[u8], m: &Meta) {
+        let f = root.join(path);
+        assert_eq!(std::fs::read(&f).unwrap(), data);
+        let md = std::fs::symlink_metadata(&f).unwrap();
+        assert_eq!(md.permissions().mode() & 0o7777, m.mode);
+        assert_eq!((md.mtime(), md.mtime_nsec()), (m.mtime.sec, 7));
+        assert_eq!(w.hash, *blake3::hash(data).as_bytes());
+        assert_eq!(w.len, data.len() as u64);
+        assert_eq!(
+            w.fp,
+            crate::scan::fingerprint(&md),
+            "fingerprint of the file in place"
+        );
+    }
+
+    #[test]
+    fn new_and_replaced_files_land_whole_in_every_mode() {
+        for mode in MODES {
+            let (how, dir) = (mode.0, tempfile::tempdir().unwrap());
+            let root = dir.path();
+            let r = replica(root, mode);
+            r.mkdir(&p("d")).unwrap();
+            let (m1, m2) = (meta(0o640, 1_000_000), meta(0o604, 2_000_000));
+            let w = write(&r, "d/f", b"first", &m1).unwrap();
+            assert_written(root, "d/f", &w, b"first", &m1);
+            let w = write(&r, "d/f", b"second version", &m2).unwrap();
+            assert_written(root, "d/f", &w, b"second version", &m2);
+            let w = write(&r, "top", b"", &m1).unwrap();
+            assert_written(root, "top", &w, b"", &m1);
+            assert_eq!(names(root), ["d", "top"], "{how}");
+            if mode.1 && !r.tmpfile.load(Ordering::Relaxed) {
+                eprintln!(
+                    "{}: no O_TMPFILE here, only the fallback was tested",
+                    root.display()
+                );
+            }
+            assert_eq!(names(&root.join("d")), ["f"], "{how}");
+        }
+    }
+
+    #[test]
+    fn a_refused_file_leaves_nothing_and_keeps_the_old_one() {
+        for mode in MODES {
+            let (how, dir) = (mode.0, tempfile::tempdir().unwrap());
+            let root = dir.path();
+            let r = replica(root, mode);
+            write(&r, "old", b"kept", &meta(0o644, 5)).unwrap();
+            for target in ["old", "new"] {
+                let e = r
+                    .write_file(
+                        &p(target),
+                        &mut &b"changed"[..],
+                        &meta(0o644, 6),
+                        &mut |_, _| Err(io::Error::other("changed while copied")),
+                    )
+                    .unwrap_err();
+                assert_eq!(e.to_string(), "changed while copied");
+            }
+            assert_eq!(names(root), ["old"], "{how}");
+            assert_eq!(std::fs::read(root.join("old")).unwrap(), b"kept");
+        }
+    }
+
+    #[test]
+    fn copies_land_whole_in_every_mode() {
+        for mode in MODES {
+            let (how, dir) = (mode.0, tempfile::tempdir().unwrap());
+            let root = dir.path();
+            let r = replica(root, mode);
+            let m = meta(0o600, 9);
+            let w = write(&r, "a", b"payload", &m).unwrap();
+            // Trusted: the kernel copies; untrusted: hashed on the way.
+            let c = r
+                .copy_file(&p("a"), &p("b"), Some((&w.fp, &w.hash)), &m, &mut |_, _| {
+                    Ok(())
+                })
+                .unwrap();
+            assert_written(root, "b", &c, b"payload", &m);
+            let c = r
+                .copy_file(&p("a"), &p("b"), None, &m, &mut |_, _| Ok(()))
+                .unwrap();
+            assert_written(root, "b", &c, b"payload", &m);
+            assert_eq!(names(root), ["a", "b"], "{how}");
+        }
+    }
+
+    #[test]
+    fn a_name_taken_by_a_directory_is_an_error_and_leaves_no_temporary() {
+        for mode in MODES {
+            let (how, dir) = (mode.0, tempfile::tempdir().unwrap());
+            let root = dir.path();
+            let r = replica(root, mode);
+            r.mkdir(&p("d")).unwrap();
+            assert!(write(&r, "d", b"x", &meta(0o644, 1)).is_err(), "{how}");
+            assert_eq!(names(root), ["d"], "{how}");
+        }
+    }
+
+    #[test]
+    fn a_batch_keeps_directories_and_owners_still_come_out_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let is_root = rustix::process::geteuid().is_root();
+        let r = LocalReplica::open(root, is_root).unwrap();
+        let (uid, gid) = (r.euid, r.egid);
+        r.mkdir(&p("a")).unwrap();
+        r.mkdir(&p("s")).unwrap();
+        if is_root {
+            // A setgid directory of another group: a new file would get that group.
+            std::os::unix::fs::chown(root.join("s"), None, Some(4242)).unwrap();
+            std::fs::set_permissions(root.join("s"), PermissionsExt::from_mode(0o2775)).unwrap();
+        }
+        let ours = Meta {
+            uid,
+            gid,
+            ..meta(0o644, 3)
+        };
+        let theirs = Meta {
+            uid: 1234,
+            gid: 5678,
+            ..meta(0o644, 3)
+        };
+        let files = [
+            ("a/1", ours),
+            ("a/2", theirs),
+            ("s/1", ours),
+            ("s/2", theirs),
+            ("a/3", ours),
+            ("top", ours),
+        ];
+        let mut written = Vec::new();
+        r.batch(&mut || {
+            for (path, m) in &files {
+                written.push(write(&r, path, path.as_bytes(), m).unwrap());
+            }
+        });
+        for ((path, m), w) in files.iter().zip(&written) {
+            assert_written(root, path, w, path.as_bytes(), m);
+            let md = std::fs::symlink_metadata(root.join(path)).unwrap();
+            if is_root {
+                assert_eq!((md.uid(), md.gid()), (m.uid, m.gid), "{path}");
+            }
+        }
+        assert_eq!(names(&root.join("a")), ["1", "2", "3"]);
+        assert_eq!(names(&root.join("s")), ["1", "2"]);
+        // The batch is over: nothing is kept, and another batch starts afresh.
+        assert!(BATCH.with_borrow(|b| b.is_none()));
+        r.batch(&mut || {
+            write(&r, "a/4", b"x", &ours).unwrap();
+        });
+        assert_eq!(names(&root.join("a")), ["1", "2", "3", "4"]);
     }
 }

@@ -4,9 +4,9 @@
 //! Contract shared by every implementation:
 //! - Paths are [`RelPath`]s below the replica root; nothing outside it is ever touched, and no
 //!   symlink inside it is followed.
-//! - `write_file`, `copy_file`, `symlink` and `hard_link` build the node under a temporary name
-//!   in the target's directory, set its metadata, and rename it into place: a reader or a crash
-//!   sees the old node or the new one, never a partial one.
+//! - `write_file`, `copy_file`, `symlink` and `hard_link` build the node unnamed or under a
+//!   temporary name in the target's directory, set its metadata, and link or rename it into
+//!   place: a reader or a crash sees the old node or the new one, never a partial one.
 //! - `mkdir` of an existing directory succeeds; `remove` of a missing node succeeds.
 
 pub mod local;
@@ -29,6 +29,12 @@ pub struct Written {
 }
 
 pub trait Replica: Sync {
+    /// Runs `f`, during which operations on the calling thread may keep the last directory they
+    /// opened for the next one. Only for writes of files: nothing may rename or remove a
+    /// directory of the replica meanwhile.
+    fn batch(&self, f: &mut dyn FnMut()) {
+        f()
+    }
     /// Renames a file, symlink or whole directory.
     fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()>;
     /// Removes a file, symlink, special file or empty directory.
