@@ -314,8 +314,8 @@ fn apply_update(
         }
         Update::Remove(_, path) => {
             tbl.remove(path.as_bytes())?;
-            for k in subtree_keys(tbl, path)? {
-                tbl.remove(&k[..])?;
+            for item in extract_subtree(tbl, path)? {
+                item?;
             }
         }
         Update::Move(_, from, to) => {
@@ -323,13 +323,13 @@ fn apply_update(
             if let Some(v) = tbl.remove(from.as_bytes())? {
                 moved.push((to.as_bytes().to_vec(), v.value().to_vec()));
             }
-            for k in subtree_keys(tbl, from)? {
-                if let Some(v) = tbl.remove(&k[..])? {
-                    let rel = RelPath::from_bytes(&k)
-                        .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-                    moved.push((rel.rebase(from, to).as_bytes().to_vec(), v.value().to_vec()));
-                }
+            for item in extract_subtree(tbl, from)? {
+                let (k, v) = item?;
+                let rel = RelPath::from_bytes(k.value())
+                    .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+                moved.push((rel.rebase(from, to).as_bytes().to_vec(), v.value().to_vec()));
             }
+            // Rebasing keeps the order, so the inserts go in key order.
             for (k, v) in moved {
                 tbl.insert(&k[..], &v[..])?;
             }
@@ -338,30 +338,24 @@ fn apply_update(
     Ok(())
 }
 
-/// Keys strictly below `path`.
-fn subtree_keys(
-    tbl: &redb::Table<&[u8], &[u8]>,
+type Extracted<'t> = redb::ExtractIf<'t, &'static [u8], &'static [u8], fn(&[u8], &[u8]) -> bool>;
+
+/// Removes the records strictly below `path` in one pass over their key range; they are removed
+/// as the returned iterator yields them.
+fn extract_subtree<'t>(
+    tbl: &'t mut redb::Table<&'static [u8], &'static [u8]>,
     path: &RelPath,
-) -> std::result::Result<Vec<Vec<u8>>, redb::Error> {
-    let mut keys = Vec::new();
+) -> std::result::Result<Extracted<'t>, redb::Error> {
+    let all: fn(&[u8], &[u8]) -> bool = |_, _| true;
+    let below_root: fn(&[u8], &[u8]) -> bool = |k, _| !k.is_empty();
     if path.is_root() {
-        for item in tbl.iter()? {
-            let (k, _) = item?;
-            if !k.value().is_empty() {
-                keys.push(k.value().to_vec());
-            }
-        }
-        return Ok(keys);
+        return Ok(tbl.extract_from_if::<&[u8], _>(.., below_root)?);
     }
     let mut lo = path.as_bytes().to_vec();
     lo.push(b'/');
     let mut hi = path.as_bytes().to_vec();
     hi.push(b'/' + 1);
-    for item in tbl.range::<&[u8]>(&lo[..]..&hi[..])? {
-        let (k, _) = item?;
-        keys.push(k.value().to_vec());
-    }
-    Ok(keys)
+    Ok(tbl.extract_from_if::<&[u8], _>(lo.as_slice()..hi.as_slice(), all)?)
 }
 
 fn encode(e: &Entry) -> Vec<u8> {

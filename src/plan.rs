@@ -304,18 +304,21 @@ impl Planner<'_> {
                 }
             }
         }
-        let wanted: HashSet<Hash> = needed
-            .iter()
-            .filter(|(_, e, _)| e.link.is_none())
-            .filter_map(|(_, e, _)| e.file_hash())
-            .collect();
-        // Replica files that stay where they are, for the hashes wanted: one pass, and no
-        // entry at all when nothing new has a known hash.
+        // Replica files that stay where they are, by content: one pass, filtered by the hashes
+        // wanted when those are fewer than the replica files.
+        let replica_files = self.dst.iter().chain(self.copy_sources);
+        let wanted: Option<HashSet<Hash>> = (needed.len() < self.dst.len()).then(|| {
+            needed
+                .iter()
+                .filter(|(_, e, _)| e.link.is_none())
+                .filter_map(|(_, e, _)| e.file_hash())
+                .collect()
+        });
         let mut stable: HashMap<Hash, RelPath> = HashMap::new();
-        if !wanted.is_empty() {
-            for (p, e) in self.dst.iter().chain(self.copy_sources) {
+        if wanted.as_ref().is_none_or(|w| !w.is_empty()) {
+            for (p, e) in replica_files {
                 if let Some(h) = e.file_hash()
-                    && wanted.contains(&h)
+                    && wanted.as_ref().is_none_or(|w| w.contains(&h))
                     && !gone.contains(p)
                 {
                     stable.entry(h).or_insert_with(|| p.clone());
@@ -486,38 +489,34 @@ impl Planner<'_> {
 
         // Directory metadata last: every directory that was created, moved, changed, or had an
         // entry added or removed (which bumps its mtime).
-        let mut dirs: HashSet<RelPath> = HashSet::new();
+        let mut dirs: HashSet<&[u8]> = HashSet::new();
         for op in &ops {
-            let mut touch = |p: &RelPath| {
-                if let Some(parent) = p.parent() {
-                    dirs.insert(parent);
-                }
-            };
             match op {
                 Op::Stage { from, tmp } => {
-                    touch(from);
-                    touch(tmp);
+                    touch(&mut dirs, from);
+                    touch(&mut dirs, tmp);
                 }
                 Op::Rename { tmp, to, .. } => {
-                    touch(tmp);
-                    touch(to);
-                    dirs.insert(to.clone());
+                    touch(&mut dirs, tmp);
+                    touch(&mut dirs, to);
+                    dirs.insert(to.as_bytes());
                 }
                 Op::Mkdir { path, .. } => {
-                    touch(path);
-                    dirs.insert(path.clone());
+                    touch(&mut dirs, path);
+                    dirs.insert(path.as_bytes());
                 }
                 Op::SetMeta { .. } => {}
-                other => touch(other.target()),
+                other => touch(&mut dirs, other.target()),
             }
         }
         for (path, e) in &metas {
             if e.is_dir() {
-                dirs.insert((*path).clone());
+                dirs.insert(path.as_bytes());
             }
         }
         let mut dirs: Vec<RelPath> = dirs
             .into_iter()
+            .map(|d| RelPath::from_bytes(d).expect("the parent of a valid path is valid"))
             .filter(|d| self.src_kind(d) == Some(Kind::Dir))
             .collect();
         dirs.sort_by(|a, b| b.cmp(a));
@@ -582,7 +581,30 @@ fn items_delete(items: &mut Vec<Item>, path: &RelPath, deleted: bool) {
     }
 }
 
+/// Records the parent directory of `p`, if any, as one whose metadata must be restored.
+fn touch<'a>(dirs: &mut HashSet<&'a [u8]>, p: &'a RelPath) {
+    if let Some(parent) = parent_bytes(p) {
+        dirs.insert(parent);
+    }
+}
+
+/// The parent of `p` as bytes, without allocating; `None` for the root.
+fn parent_bytes(p: &RelPath) -> Option<&[u8]> {
+    let b = p.as_bytes();
+    match p.is_root() {
+        true => None,
+        false => Some(
+            b.iter()
+                .rposition(|&c| c == b'/')
+                .map_or(&b[..0], |i| &b[..i]),
+        ),
+    }
+}
+
 fn under_any(set: &HashSet<RelPath>, path: &RelPath) -> bool {
+    if set.is_empty() {
+        return false;
+    }
     let mut p = path.parent();
     while let Some(q) = p {
         if set.contains(&q) {
