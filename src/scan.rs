@@ -1,5 +1,6 @@
-//! Walks one tree (the source or the replica) and builds its [`Tree`]: every path with its kind,
-//! metadata, stat fingerprint and, where it is needed, its content hash.
+//! Walks one tree (the source or the replica): every path with its kind, metadata, stat
+//! fingerprint and, where it is needed, its content hash, handed on in canonical order as it is
+//! found ([`walk_with`]) or collected into a [`Tree`] ([`walk`]).
 //!
 //! Invariants:
 //! - Symlinks are never followed; the walk stays on the tree it was given.
@@ -39,7 +40,8 @@ pub struct Problem {
     pub error: io::Error,
 }
 
-/// A scanned tree, sorted in canonical order, the root (empty path) first.
+/// A scanned tree, or the kept part of one: entries sorted in canonical order, the root (empty
+/// path) first, and what else the walk found.
 #[derive(Debug, Default)]
 pub struct Tree {
     pub entries: Vec<(RelPath, Entry)>,
