@@ -44,6 +44,18 @@ pub struct Side {
     pub sizes: Sizes,
 }
 
+impl Side {
+    /// Counts one entry the walk saw (if this side has the path).
+    fn count(&mut self, e: Option<&Entry>) {
+        if let Some(e) = e {
+            self.seen += 1;
+            if let Content::File { size, .. } = e.content {
+                self.sizes.insert(size);
+            }
+        }
+    }
+}
+
 /// A set of file sizes: a bitmap below 1 MiB, where most files are, and a hash set above.
 #[derive(Debug, Default)]
 pub struct Sizes {
@@ -311,18 +323,8 @@ fn join(
                 (p, Some(a), Some(b))
             }
         };
-        if let Some(e) = &s {
-            m.src.seen += 1;
-            if let Content::File { size, .. } = e.content {
-                m.src.sizes.insert(size);
-            }
-        }
-        if let Some(e) = &d {
-            m.dst.seen += 1;
-            if let Content::File { size, .. } = e.content {
-                m.dst.sizes.insert(size);
-            }
-        }
+        m.src.count(s.as_ref());
+        m.dst.count(d.as_ref());
         while open.last().is_some_and(|o| !still_open(&o.path, &path)) {
             open.pop();
         }

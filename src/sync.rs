@@ -148,7 +148,7 @@ fn make_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Plan> {
     let changes = diff(&s.src.entries, &s.dst.entries, cfg.owners, &|p| {
         s.src.is_unknown(p)
     });
-    let kept: HashSet<Hash> = s
+    let kept_hashes: HashSet<Hash> = s
         .dst
         .entries
         .iter()
@@ -165,7 +165,7 @@ fn make_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Plan> {
             continue;
         };
         // An empty file is as quick to write as to copy.
-        if src.size() == 0 || kept.contains(&h) {
+        if src.size() == 0 || kept_hashes.contains(&h) {
             continue;
         }
         match s.contents.lookup(&h, src.size()) {
@@ -178,8 +178,7 @@ fn make_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Plan> {
     }
     if !unknown.is_empty() {
         for (path, e) in snapshot.files_with_hashes(Table::Replica, &unknown)? {
-            let kept = s.dst.get(&path).is_some();
-            if !kept && !s.dst_stale.contains(&path) {
+            if s.dst.get(&path).is_none() && !s.dst_stale.contains(&path) {
                 copy_sources.push((path, e));
             }
         }
