@@ -142,6 +142,19 @@ impl Ctx<'_> {
                     };
                 }
                 if let Err(e) = r.rename(tmp, to) {
+                    if tmp == orig {
+                        // Not staged: the node is still at its old place, which the source no
+                        // longer has. A file can still come from the source; the old one goes.
+                        if src.kind() != Kind::File {
+                            return Err(e);
+                        }
+                        let wrote = self.write(to, src);
+                        let removed = r.remove(orig, Kind::File);
+                        let (mut u, n) = wrote?;
+                        removed?;
+                        u.push(Update::Remove(Table::Replica, orig.clone()));
+                        return Ok((u, n));
+                    }
                     // A staged node's old place is gone by now. A staged file is dropped (the
                     // source has its bytes); a directory stays staged and the next sync reuses or
                     // removes it.

@@ -2,9 +2,11 @@
 //! moves, whole-directory moves and local copies by content hash.
 //!
 //! Operation order, and why it is safe:
-//! 1. `Stage`: every move source (file or whole directory) is renamed to a fresh name at the
-//!    replica root. Nothing else can then delete or overwrite it, and swaps and cycles need no
-//!    special case.
+//! 1. `Stage`: a move source (file or whole directory) is renamed to a fresh name at the replica
+//!    root. Nothing else can then delete or overwrite it, and swaps and cycles need no special
+//!    case. A move whose source, destination and their ancestors nothing else in the plan
+//!    touches is not staged: step 4 renames it straight from its source (one rename, one index
+//!    move).
 //! 2. `Remove`: every replica node that does not survive, children before parents (reverse
 //!    canonical order). This also clears the way for type changes and frees space first.
 //! 3. `Mkdir`: new directories, parents before children.
@@ -36,7 +38,8 @@ pub enum Op {
         src: Entry,
         code: Code,
     },
-    /// `orig` is where the staged node was before it was staged.
+    /// `orig` is where the node was before the plan; `tmp` is where it is now: its staging name,
+    /// or `orig` itself for a move that is not staged.
     Rename {
         tmp: RelPath,
         orig: RelPath,
@@ -414,9 +417,13 @@ impl Planner<'_> {
         // A move's target was a vanishing node too (a Modify); it was staged, not removed.
         let move_sources: HashSet<RelPath> = moves.iter().map(|(f, ..)| f.clone()).collect();
 
+        let direct = self.direct_moves(&moves, &gone);
         let mut ops = Vec::new();
         let mut staged = HashMap::new();
         for (from, ..) in &moves {
+            if direct.contains(from) {
+                continue;
+            }
             let tmp = self.tmp_name();
             ops.push(Op::Stage {
                 from: from.clone(),
@@ -463,7 +470,7 @@ impl Planner<'_> {
                 });
             }
             ops.push(Op::Rename {
-                tmp: staged[&from].clone(),
+                tmp: staged.get(&from).unwrap_or(&from).clone(),
                 orig: from,
                 to,
                 src: e,
@@ -559,6 +566,51 @@ impl Planner<'_> {
             Some(from) if from != path => Source::Copy(from.clone(), None),
             _ => Source::Fresh,
         }
+    }
+
+    /// The move sources that can be renamed straight to their destination at step 4: the
+    /// source is gone from the source tree, the destination is free in the replica, neither is
+    /// below the other, and no proper ancestor of either is released, staged, or a move
+    /// destination. Steps 1 to 3 then leave both places and their ancestors as they are.
+    fn direct_moves(
+        &self,
+        moves: &[(RelPath, RelPath, Entry)],
+        gone: &HashSet<&RelPath>,
+    ) -> HashSet<RelPath> {
+        let mut blocked: HashSet<&[u8]> = gone.iter().map(|p| p.as_bytes()).collect();
+        for (from, to, _) in moves {
+            blocked.insert(from.as_bytes());
+            blocked.insert(to.as_bytes());
+        }
+        let clear_above = |p: &RelPath| {
+            let mut q = parent_bytes(p);
+            while let Some(b) = q {
+                if b.is_empty() {
+                    return true;
+                }
+                if blocked.contains(b) {
+                    return false;
+                }
+                q = b
+                    .iter()
+                    .rposition(|&c| c == b'/')
+                    .map(|i| &b[..i])
+                    .or(Some(&b[..0]));
+            }
+            true
+        };
+        moves
+            .iter()
+            .filter(|(from, to, _)| {
+                lookup(self.src, from).is_none()
+                    && lookup(self.dst, to).is_none()
+                    && !from.is_ancestor_of(to)
+                    && !to.is_ancestor_of(from)
+                    && clear_above(from)
+                    && clear_above(to)
+            })
+            .map(|(from, ..)| from.clone())
+            .collect()
     }
 
     fn has_children(&self, tree: &[(RelPath, Entry)], path: &RelPath) -> bool {
@@ -970,6 +1022,75 @@ mod tests {
             "{:?}",
             plan.ops
         );
+    }
+
+    fn staged(plan: &Plan) -> usize {
+        count(plan, |o| matches!(o, Op::Stage { .. }))
+    }
+
+    #[test]
+    fn a_move_nothing_else_touches_is_one_rename_without_staging() {
+        let dst = tree(vec![
+            ("a", file("A", 1)),
+            ("old", dir()),
+            ("old/f", file("F", 2)),
+            ("old/g", file("G", 3)),
+        ]);
+        let src = tree(vec![
+            ("b", file("A", 1)),
+            ("new", dir()),
+            ("new/f", file("F", 2)),
+            ("new/g", file("G", 3)),
+        ]);
+        let plan = check(&src, &dst);
+        assert_eq!(staged(&plan), 0, "{:#?}", plan.ops);
+        let renames: Vec<(String, String)> = plan
+            .ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Rename { tmp, orig, to, .. } => {
+                    assert_eq!(tmp, orig);
+                    Some((orig.to_string(), to.to_string()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            renames,
+            [("old".into(), "new".into()), ("a".into(), "b".into())]
+        );
+    }
+
+    #[test]
+    fn moves_that_meet_other_steps_are_staged() {
+        // A swap: each destination is the other's source.
+        let dst = tree(vec![("a", file("A", 1)), ("b", file("B", 1))]);
+        let src = tree(vec![("a", file("B", 1)), ("b", file("A", 1))]);
+        assert_eq!(staged(&check(&src, &dst)), 2);
+        // Out of a directory that is removed (children first, so it must leave before).
+        let dst = tree(vec![
+            ("x", dir()),
+            ("x/f", file("F", 1)),
+            ("x/g", file("G", 1)),
+        ]);
+        let src = tree(vec![("f", file("F", 1))]);
+        assert_eq!(staged(&check(&src, &dst)), 1);
+        // Into a directory that replaces a file.
+        let dst = tree(vec![("a", file("A", 1)), ("t", file("T", 1))]);
+        let src = tree(vec![("t", dir()), ("t/a", file("A", 1))]);
+        assert_eq!(staged(&check(&src, &dst)), 1);
+        // From a place a new directory takes (made before moves land).
+        let dst = tree(vec![("a", file("A", 1))]);
+        let src = tree(vec![
+            ("a", dir()),
+            ("a/y", file("Y", 1)),
+            ("b", file("A", 1)),
+        ]);
+        assert_eq!(staged(&check(&src, &dst)), 1);
+        // Into the place of the directory it came from.
+        let dst = tree(vec![("d", dir()), ("d/f", file("F", 1))]);
+        let src = tree(vec![("d", file("F", 1))]);
+        check(&src, &dst);
     }
 
     #[test]
