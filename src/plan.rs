@@ -584,18 +584,11 @@ impl Planner<'_> {
         }
         let clear_above = |p: &RelPath| {
             let mut q = parent_bytes(p);
-            while let Some(b) = q {
-                if b.is_empty() {
-                    return true;
-                }
+            while let Some(b) = q.filter(|b| !b.is_empty()) {
                 if blocked.contains(b) {
                     return false;
                 }
-                q = b
-                    .iter()
-                    .rposition(|&c| c == b'/')
-                    .map(|i| &b[..i])
-                    .or(Some(&b[..0]));
+                q = Some(parent_of(b));
             }
             true
         };
@@ -642,15 +635,14 @@ fn touch<'a>(dirs: &mut HashSet<&'a [u8]>, p: &'a RelPath) {
 
 /// The parent of `p` as bytes, without allocating; `None` for the root.
 fn parent_bytes(p: &RelPath) -> Option<&[u8]> {
-    let b = p.as_bytes();
-    match p.is_root() {
-        true => None,
-        false => Some(
-            b.iter()
-                .rposition(|&c| c == b'/')
-                .map_or(&b[..0], |i| &b[..i]),
-        ),
-    }
+    (!p.is_root()).then(|| parent_of(p.as_bytes()))
+}
+
+/// The parent of a non-root path's bytes; the root's bytes (empty) for a top-level name.
+fn parent_of(b: &[u8]) -> &[u8] {
+    b.iter()
+        .rposition(|&c| c == b'/')
+        .map_or(&b[..0], |i| &b[..i])
 }
 
 fn under_any(set: &HashSet<RelPath>, path: &RelPath) -> bool {
