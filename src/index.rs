@@ -143,6 +143,76 @@ fn damaged(path: &Path, why: impl std::fmt::Display) -> Error {
     }
 }
 
+/// Creates the index at `path` if there is none (or only an empty file): a fresh database is
+/// initialised under a temporary name beside it and renamed into place, so that a crash while
+/// it is created leaves no half-written index, only a temporary that a later creation removes.
+fn create_whole(path: &Path, roots: &Roots) -> Result<()> {
+    let replace = match std::fs::symlink_metadata(path) {
+        Ok(md) if md.len() > 0 || !md.is_file() => return Ok(()),
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let prefix = format!(
+        "{}.new-",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    );
+    remove_dead_temporaries(dir, &prefix);
+    let tmp = dir.join(format!("{prefix}{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let made = guarded(&tmp, || {
+        let db = builder().create(&tmp).map_err(|e| ierr(&tmp, e))?;
+        Index {
+            db,
+            path: tmp.clone(),
+        }
+        .init(roots, false)
+    });
+    let placed = made.and_then(|()| {
+        use rustix::fs::{CWD, RenameFlags, renameat_with};
+        let flags = if replace {
+            RenameFlags::empty()
+        } else {
+            RenameFlags::NOREPLACE
+        };
+        match renameat_with(CWD, &tmp, CWD, path, flags) {
+            // Another process created it meanwhile: theirs is used.
+            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+            // A file system without RENAME_NOREPLACE.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+            }
+            Err(e) => Err(Error::io(path, e.into())),
+        }
+    });
+    let _ = std::fs::remove_file(&tmp);
+    placed?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Removes temporaries of [`create_whole`] whose creating process no longer runs.
+fn remove_dead_temporaries(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|n| n.parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw);
+        let Some(pid) = pid else { continue };
+        if rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 impl Index {
     /// Opens or creates the index at `path` for the given roots. With `reindex`, whatever the
     /// file holds is discarded first (the next scans rebuild it from the two trees).
@@ -151,6 +221,7 @@ impl Index {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
         let open = || {
+            create_whole(path, roots)?;
             guarded(path, || {
                 let db = builder().create(path).map_err(|e| ierr(path, e))?;
                 let index = Index {

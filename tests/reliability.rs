@@ -437,7 +437,8 @@ fn kill_after_any_operation_then_resync_converges_without_redoing_work() {
 
 /// The fault hook kills between operations; a real crash can also come in the middle of one.
 /// SIGKILL at random moments of a sync of big files: whatever is in place is a whole version
-/// of a source file, and the next sync removes the temporaries and converges.
+/// of a source file, and the next sync removes the temporaries and converges. The kill times
+/// are drawn from how long a whole sync takes here, and most of them must land inside one.
 #[test]
 fn sigkill_at_random_moments_never_leaves_a_partial_file_in_place() {
     let fx = Fixture::default();
@@ -449,19 +450,32 @@ fn sigkill_at_random_moments_never_leaves_a_partial_file_in_place() {
         );
     }
     let v0 = snapshot(&fx.src);
+    // How long a whole initial sync takes on this machine (the faster of two): the kills land
+    // inside one.
+    let mut whole = u64::MAX;
+    for _ in 0..2 {
+        remove_tree(&fx.dst);
+        remove_tree(&fx.state.join("dirsync"));
+        let t = Instant::now();
+        run(&fx, "sync", &[]).expect_code(0, "the timing sync");
+        whole = whole.min((t.elapsed().as_millis() as u64).max(1));
+    }
     let mut rng = Rng(7);
-    let mut temps_seen = 0;
+    let (mut temps_seen, mut killed) = (0, 0);
     for round in 0..10 {
         remove_tree(&fx.dst);
         remove_tree(&fx.state.join("dirsync"));
         let mut cmd = fx.std_cmd();
         cmd.arg("sync").arg(&fx.src).arg(&fx.dst);
         let mut sync = Background::spawn(cmd, &fx.root.join("sync.stderr"));
-        thread::sleep(Duration::from_millis(20 + rng.below(300)));
+        thread::sleep(Duration::from_millis(rng.below(whole)));
         sync.signal(rustix::process::Signal::KILL);
         let status = sync
             .wait_timeout(Duration::from_secs(20))
             .expect("a killed sync ends");
+        if status.signal().is_some() {
+            killed += 1;
+        }
         let ctx = format!("round {round}, ended with {status}");
         assert_only_whole_versions(&fx.dst, &[&v0], &ctx);
         if fx.dst.exists() && !temps(&fx.dst).is_empty() {
@@ -472,7 +486,11 @@ fn sigkill_at_random_moments_never_leaves_a_partial_file_in_place() {
         assert_no_temps(&fx.dst);
         assert_snapshots_mirror(&v0, &snapshot(&fx.dst), &format!("{ctx}: not a mirror"));
     }
-    eprintln!("random SIGKILL: temporaries left by {temps_seen} of 10 kills");
+    eprintln!("random SIGKILL: {killed} of 10 syncs killed, {temps_seen} left temporaries");
+    assert!(
+        killed >= 3,
+        "only {killed} of 10 kills landed inside a sync of {whole} ms"
+    );
 }
 
 /// The base tree of the kill-then-modify scenario: 400 small files and an 8 MiB file.
@@ -1034,6 +1052,34 @@ fn empty_index_file_is_treated_alike_by_status_and_sync() {
     } else {
         assert_mirror(&fx.src, &fx.dst);
     }
+}
+
+/// The index is created under a temporary name and renamed into place, so a creation that died
+/// leaves a temporary beside it, never a half-written index (the random SIGKILL test above
+/// kills creations too). The next sync removes the temporary of the dead process and creates
+/// the index.
+#[test]
+fn temporary_of_a_dead_index_creation_is_removed() {
+    let fx = Fixture::default();
+    make_tree(&fx.src, 20);
+    let index = fx.root.join("index.redb");
+    let idx = index.to_str().unwrap();
+    // A process id above any pid_max: no such process runs.
+    let stale = fx.root.join("index.redb.new-2147483647");
+    write(&stale, "half-written");
+    run(&fx, "sync", &["--index", idx]).expect_code(0, "sync beside a stale temporary");
+    assert!(!stale.exists(), "the dead creation's temporary was left");
+    assert_mirror(&fx.src, &fx.dst);
+    let temporaries: Vec<_> = fs::read_dir(&fx.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains(".new-"))
+        .collect();
+    assert!(
+        temporaries.is_empty(),
+        "left beside the index: {temporaries:?}"
+    );
+    run(&fx, "status", &["--index", idx]).expect_code(0, "status on the created index");
 }
 
 /// The damaged-index message tells the user what to run; for `status` that advice must work.
