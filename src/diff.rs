@@ -8,35 +8,37 @@ use std::collections::HashMap;
 
 use crate::entry::{Entry, RelPath};
 
-/// One difference between the source and the replica.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Change {
+/// One difference between the source and the replica. It borrows the paths and entries of the
+/// two trees it was found in: an initial sync has a change for every source path, and copies of
+/// them would double the memory the trees take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change<'a> {
     /// In the source only.
-    Add { path: RelPath, src: Entry },
+    Add { path: &'a RelPath, src: &'a Entry },
     /// Same kind on both sides, different content (or hard-link partner).
     Modify {
-        path: RelPath,
-        src: Entry,
-        dst: Entry,
+        path: &'a RelPath,
+        src: &'a Entry,
+        dst: &'a Entry,
     },
     /// A different kind on each side (file, directory, symlink).
     Type {
-        path: RelPath,
-        src: Entry,
-        dst: Entry,
+        path: &'a RelPath,
+        src: &'a Entry,
+        dst: &'a Entry,
     },
     /// In the replica only.
-    Delete { path: RelPath, dst: Entry },
+    Delete { path: &'a RelPath, dst: &'a Entry },
     /// Same content, different metadata.
     Meta {
-        path: RelPath,
-        src: Entry,
-        dst: Entry,
+        path: &'a RelPath,
+        src: &'a Entry,
+        dst: &'a Entry,
     },
 }
 
-impl Change {
-    pub fn path(&self) -> &RelPath {
+impl<'a> Change<'a> {
+    pub fn path(&self) -> &'a RelPath {
         match self {
             Change::Add { path, .. }
             | Change::Modify { path, .. }
@@ -49,12 +51,12 @@ impl Change {
 
 /// Diffs two canonically sorted trees. `owners` says whether uid/gid are compared. Paths for
 /// which `skip` is true (unreadable in the source) produce no change.
-pub fn diff(
-    src: &[(RelPath, Entry)],
-    dst: &[(RelPath, Entry)],
+pub fn diff<'a>(
+    src: &'a [(RelPath, Entry)],
+    dst: &'a [(RelPath, Entry)],
     owners: bool,
     skip: &dyn Fn(&RelPath) -> bool,
-) -> Vec<Change> {
+) -> Vec<Change<'a>> {
     let mut out = Vec::new();
     // Runs of descendants to jump over, by start index.
     let mut skip_src: HashMap<usize, usize> = HashMap::new();
@@ -79,20 +81,14 @@ pub fn diff(
             std::cmp::Ordering::Less => {
                 let (path, s) = &src[i];
                 if !skip(path) {
-                    out.push(Change::Add {
-                        path: path.clone(),
-                        src: s.clone(),
-                    });
+                    out.push(Change::Add { path, src: s });
                 }
                 i += 1;
             }
             std::cmp::Ordering::Greater => {
                 let (path, d) = &dst[j];
                 if !skip(path) {
-                    out.push(Change::Delete {
-                        path: path.clone(),
-                        dst: d.clone(),
-                    });
+                    out.push(Change::Delete { path, dst: d });
                 }
                 j += 1;
             }
@@ -122,8 +118,13 @@ pub fn diff(
     out
 }
 
-fn compare(path: &RelPath, s: &Entry, d: &Entry, owners: bool) -> Option<Change> {
-    let (path, src, dst) = (path.clone(), s.clone(), d.clone());
+fn compare<'a>(
+    path: &'a RelPath,
+    src: &'a Entry,
+    dst: &'a Entry,
+    owners: bool,
+) -> Option<Change<'a>> {
+    let (s, d) = (src, dst);
     if s.kind() != d.kind() {
         return Some(Change::Type { path, src, dst });
     }

@@ -22,7 +22,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use crate::diff::Change;
 use crate::entry::{Content, Entry, Hash, Kind, RelPath};
 
-/// One step of a plan. `src` is the source entry the result must match.
+/// One step of a plan. `src` is the source entry the result must match; entries are boxed to
+/// keep an operation small (an initial sync plans one for every source path).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     Stage {
@@ -35,7 +36,7 @@ pub enum Op {
     },
     Mkdir {
         path: RelPath,
-        src: Entry,
+        src: Box<Entry>,
         code: Code,
     },
     /// `orig` is where the node was before the plan; `tmp` is where it is now: its staging name,
@@ -44,34 +45,34 @@ pub enum Op {
         tmp: RelPath,
         orig: RelPath,
         to: RelPath,
-        src: Entry,
+        src: Box<Entry>,
     },
     /// `trusted` is the replica entry of `from` when the plan was made.
     Copy {
         from: RelPath,
         to: RelPath,
-        src: Entry,
-        trusted: Option<Entry>,
+        src: Box<Entry>,
+        trusted: Option<Box<Entry>>,
     },
     Write {
         path: RelPath,
-        src: Entry,
+        src: Box<Entry>,
         code: Code,
     },
     Symlink {
         path: RelPath,
-        src: Entry,
+        src: Box<Entry>,
         code: Code,
     },
     Link {
         leader: RelPath,
         path: RelPath,
-        src: Entry,
+        src: Box<Entry>,
         code: Code,
     },
     SetMeta {
         path: RelPath,
-        src: Entry,
+        src: Box<Entry>,
     },
 }
 
@@ -219,7 +220,7 @@ impl Planner<'_> {
         let mut released: Vec<(&RelPath, &Entry)> = Vec::new();
         let mut needed: Vec<(&RelPath, &Entry, Code)> = Vec::new();
         let mut metas: Vec<(&RelPath, &Entry)> = Vec::new();
-        for c in changes {
+        for &c in changes {
             match c {
                 Change::Add { path, src } => needed.push((path, src, Code::Add)),
                 Change::Modify { path, src, dst } => {
@@ -246,8 +247,9 @@ impl Planner<'_> {
         }
         let mut consumed: Vec<RelPath> = Vec::new(); // replica subtrees moved away whole
         let mut covered: HashSet<RelPath> = HashSet::new(); // source subtrees moved in whole
-        let mut moves: Vec<(RelPath, RelPath, Entry)> = Vec::new(); // (from, to, src entry)
-        let mut items = Vec::new();
+        let mut moves: Vec<(RelPath, RelPath, &Entry)> = Vec::new(); // (from, to, src entry)
+        // At most one item per change: sized up front, as an initial sync has one per path.
+        let mut items = Vec::with_capacity(changes.len());
         for &(path, e, _) in &needed {
             let Content::Dir { tree: Some(h) } = e.content else {
                 continue;
@@ -272,7 +274,7 @@ impl Planner<'_> {
                     path: path.clone(),
                     from: Some(from.clone()),
                 });
-                moves.push((from.clone(), path.clone(), e.clone()));
+                moves.push((from.clone(), path.clone(), e));
             }
         }
         // Every replica path that will not be where it is now, for choosing copy sources.
@@ -329,6 +331,7 @@ impl Planner<'_> {
             }
         }
         let mut copies = Vec::new();
+        // Files and symlinks written from the source, as (path, entry, code).
         let mut writes = Vec::new();
         let mut links = Vec::new();
         let mut bytes = 0;
@@ -339,7 +342,7 @@ impl Planner<'_> {
                         links.push(Op::Link {
                             leader: leader.clone(),
                             path: path.clone(),
-                            src: e.clone(),
+                            src: Box::new(e.clone()),
                             code,
                         });
                         items.push(Item {
@@ -363,7 +366,7 @@ impl Planner<'_> {
                             if let Some(h) = hash {
                                 moved_in.entry(*h).or_insert_with(|| path.clone());
                             }
-                            moves.push((from, path.clone(), e.clone()));
+                            moves.push((from, path.clone(), e));
                         }
                         Source::Copy(from, trusted) => {
                             items.push(Item {
@@ -372,10 +375,10 @@ impl Planner<'_> {
                                 from: Some(from.clone()),
                             });
                             copies.push(Op::Copy {
-                                trusted,
+                                trusted: trusted.map(Box::new),
                                 from,
                                 to: path.clone(),
-                                src: e.clone(),
+                                src: Box::new(e.clone()),
                             });
                         }
                         Source::Fresh => {
@@ -385,11 +388,7 @@ impl Planner<'_> {
                                 path: path.clone(),
                                 from: None,
                             });
-                            writes.push(Op::Write {
-                                path: path.clone(),
-                                src: e.clone(),
-                                code,
-                            });
+                            writes.push((path, e, code));
                         }
                     }
                 }
@@ -399,11 +398,7 @@ impl Planner<'_> {
                         path: path.clone(),
                         from: None,
                     });
-                    writes.push(Op::Symlink {
-                        path: path.clone(),
-                        src: e.clone(),
-                        code,
-                    });
+                    writes.push((path, e, code));
                 }
                 Content::Dir { .. } | Content::Special => {
                     items.push(Item {
@@ -418,7 +413,13 @@ impl Planner<'_> {
         let move_sources: HashSet<RelPath> = moves.iter().map(|(f, ..)| f.clone()).collect();
 
         let direct = self.direct_moves(&moves, &gone);
-        let mut ops = Vec::new();
+        // An upper bound on the operations below (stage, rename and metadata per move; one per
+        // released, needed and metadata-only path; one per source directory), so that an
+        // initial sync's list is allocated once instead of doubling past it.
+        let src_dirs = self.src.iter().filter(|(_, e)| e.is_dir()).count();
+        let mut ops = Vec::with_capacity(
+            3 * moves.len() + released.len() + needed.len() + metas.len() + src_dirs,
+        );
         let mut staged = HashMap::new();
         for (from, ..) in &moves {
             if direct.contains(from) {
@@ -455,7 +456,7 @@ impl Planner<'_> {
             if e.is_dir() {
                 ops.push(Op::Mkdir {
                     path: path.clone(),
-                    src: e.clone(),
+                    src: Box::new(e.clone()),
                     code,
                 });
             }
@@ -463,28 +464,34 @@ impl Planner<'_> {
         let mut moved_meta = Vec::new();
         for (from, to, e) in moves {
             let old = lookup(self.dst, &from).expect("a move source is in the replica");
-            if !old.same_meta(&e, self.owners) && !e.is_dir() {
+            if !old.same_meta(e, self.owners) && !e.is_dir() {
                 moved_meta.push(Op::SetMeta {
                     path: to.clone(),
-                    src: e.clone(),
+                    src: Box::new(e.clone()),
                 });
             }
             ops.push(Op::Rename {
                 tmp: staged.get(&from).unwrap_or(&from).clone(),
                 orig: from,
                 to,
-                src: e,
+                src: Box::new(e.clone()),
             });
         }
         ops.extend(copies);
-        ops.extend(writes);
+        for (path, e, code) in writes {
+            let (path, src) = (path.clone(), Box::new(e.clone()));
+            ops.push(match e.kind() {
+                Kind::Symlink => Op::Symlink { path, src, code },
+                _ => Op::Write { path, src, code },
+            });
+        }
         ops.extend(links);
         ops.extend(moved_meta);
         for (path, e) in &metas {
             if !e.is_dir() {
                 ops.push(Op::SetMeta {
                     path: (*path).clone(),
-                    src: (*e).clone(),
+                    src: Box::new((*e).clone()),
                 });
             }
             items.push(Item {
@@ -531,12 +538,12 @@ impl Planner<'_> {
             let e = lookup(self.src, &d).expect("filtered on being in the source");
             ops.push(Op::SetMeta {
                 path: d,
-                src: e.clone(),
+                src: Box::new(e.clone()),
             });
         }
 
         items.retain(|i| !i.path.is_root());
-        items.sort_by(|a, b| a.path.cmp(&b.path).then(a.code.cmp(&b.code)));
+        items.sort_unstable_by(|a, b| (&a.path, a.code, &a.from).cmp(&(&b.path, b.code, &b.from)));
         Plan {
             ops,
             items,
@@ -574,7 +581,7 @@ impl Planner<'_> {
     /// destination. Steps 1 to 3 then leave both places and their ancestors as they are.
     fn direct_moves(
         &self,
-        moves: &[(RelPath, RelPath, Entry)],
+        moves: &[(RelPath, RelPath, &Entry)],
         gone: &HashSet<&RelPath>,
     ) -> HashSet<RelPath> {
         let mut blocked: HashSet<&[u8]> = gone.iter().map(|p| p.as_bytes()).collect();
@@ -717,7 +724,7 @@ mod tests {
                 Op::Mkdir { path, src, .. } => {
                     parent_ok(&m, path);
                     assert!(!m.contains_key(path), "mkdir over {path}");
-                    m.insert(path.clone(), src.clone());
+                    m.insert(path.clone(), (**src).clone());
                 }
                 Op::Rename { tmp, to, .. } => {
                     parent_ok(&m, to);
@@ -731,7 +738,7 @@ mod tests {
                         src.file_hash(),
                         "copy {from} has other content"
                     );
-                    m.insert(to.clone(), src.clone());
+                    m.insert(to.clone(), (**src).clone());
                 }
                 Op::Write { path, src, .. } | Op::Symlink { path, src, .. } => {
                     parent_ok(&m, path);
@@ -739,14 +746,14 @@ mod tests {
                         !m.get(path).is_some_and(Entry::is_dir),
                         "write over dir {path}"
                     );
-                    m.insert(path.clone(), src.clone());
+                    m.insert(path.clone(), (**src).clone());
                 }
                 Op::Link {
                     leader, path, src, ..
                 } => {
                     parent_ok(&m, path);
                     assert_eq!(m.get(leader).and_then(Entry::file_hash), src.file_hash());
-                    m.insert(path.clone(), src.clone());
+                    m.insert(path.clone(), (**src).clone());
                 }
                 Op::SetMeta { path, src } => {
                     m.get_mut(path).expect("meta of existing").meta = src.meta;
