@@ -203,26 +203,29 @@ pub fn reuse_by_inode(tree: &mut Tree, stale: &[(RelPath, Entry)]) -> Vec<(RelPa
     found
 }
 
-/// One item of a directory listing. A child sorts by its name; a child directory's subtree
-/// sorts by its name followed by '/', which is where its descendants' full paths sort.
-enum Item {
-    Node(Vec<u8>, rfs::Stat),
-    Subtree(Vec<u8>),
+/// One item of a directory listing: a child (`stat` is its index in the listing's stats), or
+/// with `subtree` a child directory's subtree. A child sorts by its name; a subtree sorts by
+/// its name followed by '/', which is where its descendants' full paths sort. Names live in
+/// one buffer per listing, so that a listing costs a few allocations, not one per child, and
+/// sorting moves small items.
+#[derive(Clone, Copy)]
+struct Item {
+    start: u32,
+    len: u32,
+    stat: u32,
+    subtree: bool,
 }
 
 impl Item {
-    fn key(&self) -> (&[u8], bool) {
-        match self {
-            Item::Node(n, _) => (n, false),
-            Item::Subtree(n) => (n, true),
-        }
+    fn name<'n>(&self, names: &'n [u8]) -> &'n [u8] {
+        &names[self.start as usize..(self.start + self.len) as usize]
     }
 }
 
 /// Compares two listing items as their full paths compare: by name, where a subtree's name is
 /// followed by '/'.
-fn item_order(a: &Item, b: &Item) -> std::cmp::Ordering {
-    let ((an, asub), (bn, bsub)) = (a.key(), b.key());
+fn item_order(names: &[u8], a: &Item, b: &Item) -> std::cmp::Ordering {
+    let (an, bn) = (a.name(names), b.name(names));
     let n = an.len().min(bn.len());
     match an[..n].cmp(&bn[..n]) {
         std::cmp::Ordering::Equal => {}
@@ -230,7 +233,7 @@ fn item_order(a: &Item, b: &Item) -> std::cmp::Ordering {
     }
     // One name is a prefix of the other: compare the next byte of each, if any.
     let next = |name: &[u8], sub: bool| name.get(n).copied().or(sub.then_some(b'/'));
-    next(an, asub).cmp(&next(bn, bsub))
+    next(an, a.subtree).cmp(&next(bn, b.subtree))
 }
 
 /// A depth-first walk with one open descriptor per level; every `stat` is relative to its
@@ -273,7 +276,7 @@ impl Walker<'_> {
             Ok(d) => d,
             Err(e) => return self.problem(rel.clone(), io_err(e)),
         };
-        let mut items = Vec::new();
+        let (mut names, mut stats, mut items) = (Vec::new(), Vec::new(), Vec::new());
         while let Some(item) = dir.read() {
             let dent = match item {
                 Ok(d) => d,
@@ -287,28 +290,37 @@ impl Walker<'_> {
             let Ok(dfd) = dir.fd() else { continue };
             match rfs::statat(dfd, name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) => {
+                    let node = Item {
+                        start: names.len() as u32,
+                        len: bytes.len() as u32,
+                        stat: stats.len() as u32,
+                        subtree: false,
+                    };
+                    names.extend_from_slice(bytes);
                     if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory {
-                        items.push(Item::Subtree(bytes.to_vec()));
+                        items.push(Item {
+                            subtree: true,
+                            ..node
+                        });
                     }
-                    items.push(Item::Node(bytes.to_vec(), st));
+                    items.push(node);
+                    stats.push(st);
                 }
                 Err(e) => self.problem(rel.join(bytes), io_err(e)),
             }
         }
-        items.sort_unstable_by(item_order);
+        items.sort_unstable_by(|a, b| item_order(&names, a, b));
         let Ok(dfd) = dir.fd() else { return };
         for item in items {
-            match item {
-                Item::Node(name, st) => self.node(dfd, rel.join(&name), &st),
-                Item::Subtree(name) => {
-                    let flags =
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-                    let sub = rel.join(&name);
-                    match rfs::openat(dfd, sub.name_os(), flags, Mode::empty()) {
-                        Ok(fd) => self.dir(fd, &sub),
-                        Err(e) => self.problem(sub, io_err(e)),
-                    }
-                }
+            let child = rel.join(item.name(&names));
+            if !item.subtree {
+                self.node(dfd, child, &stats[item.stat as usize]);
+                continue;
+            }
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+            match rfs::openat(dfd, child.name_os(), flags, Mode::empty()) {
+                Ok(fd) => self.dir(fd, &child),
+                Err(e) => self.problem(child, io_err(e)),
             }
         }
     }
