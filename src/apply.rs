@@ -99,6 +99,7 @@ fn written(src: &Entry, content: Content, fp: crate::entry::Fingerprint) -> Entr
 }
 
 struct Ctx<'a> {
+    plan: &'a Plan,
     replica: &'a dyn Replica,
     source: &'a Path,
     /// Staging names whose `Stage` failed: their node never left its place.
@@ -134,6 +135,7 @@ impl Ctx<'_> {
                 Ok((Vec::new(), 0))
             }
             Op::Rename { tmp, orig, to, src } => {
+                let src = self.plan.entry(*src);
                 if self.unstaged.lock().expect("not poisoned").contains(tmp) {
                     // The node could not be moved aside; a file can still come from the source.
                     return match src.kind() {
@@ -180,6 +182,7 @@ impl Ctx<'_> {
                 src,
                 trusted,
             } => {
+                let src = self.plan.entry(*src);
                 let want = src.file_hash();
                 let trusted = trusted
                     .as_ref()
@@ -221,8 +224,9 @@ impl Ctx<'_> {
                     Err(_) => self.write(to, src),
                 }
             }
-            Op::Write { path, src, .. } => self.write(path, src),
+            Op::Write { path, src, .. } => self.write(path, self.plan.entry(*src)),
             Op::Symlink { path, src, .. } => {
+                let src = self.plan.entry(*src);
                 let Content::Symlink { target } = &src.content else {
                     unreachable!("planned for symlinks only")
                 };
@@ -232,6 +236,7 @@ impl Ctx<'_> {
             Op::Link {
                 leader, path, src, ..
             } => {
+                let src = self.plan.entry(*src);
                 let fp = r.hard_link(leader, path)?;
                 Ok((
                     vec![Update::Put(
@@ -243,6 +248,7 @@ impl Ctx<'_> {
                 ))
             }
             Op::SetMeta { path, src } => {
+                let src = self.plan.entry(*src);
                 r.set_meta(path, src.kind(), &src.meta)?;
                 if src.kind() == Kind::File {
                     let fp = r.stat(path)?;
@@ -319,12 +325,12 @@ const CHUNK_BYTES: u64 = 1 << 20;
 /// Splits a run of writes into chunks of neighbouring files, as boundaries (`0`, ..., `len`).
 /// A worker copies a chunk in order and sends its results at once: one wake-up of the recorder
 /// per chunk instead of per file, and each worker stays in its own directories.
-fn chunks(run: &[Op]) -> Vec<usize> {
+fn chunks(plan: &Plan, run: &[Op]) -> Vec<usize> {
     let mut bounds = vec![0];
     let (mut ops, mut bytes) = (0, 0u64);
     for (k, op) in run.iter().enumerate() {
         if let Op::Write { src, .. } = op {
-            bytes += src.size();
+            bytes += plan.entry(*src).size();
         }
         ops += 1;
         if ops == CHUNK_OPS || bytes >= CHUNK_BYTES {
@@ -354,6 +360,7 @@ pub fn apply(
     stop: &AtomicBool,
 ) -> Result<Outcome> {
     let ctx = Ctx {
+        plan,
         replica,
         source,
         unstaged: Default::default(),
@@ -384,7 +391,7 @@ pub fn apply(
             .take_while(|o| matches!(o, Op::Write { .. }))
             .count();
         let run = &ops[i..i + n];
-        let bounds = chunks(run);
+        let bounds = chunks(plan, run);
         let halt = AtomicBool::new(false);
         let (tx, rx) = std::sync::mpsc::channel::<Vec<(usize, OpResult)>>();
         let recorded: Result<()> = std::thread::scope(|s| {

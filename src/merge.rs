@@ -296,7 +296,16 @@ fn join(
     owners: bool,
 ) -> Merged {
     let mut m = Merged::default();
-    let mut kept: Vec<(RelPath, Option<Entry>, Option<Entry>)> = Vec::new();
+    // Kept paths go straight into the two trees, sorted at the end (see below).
+    let keep_in = |m: &mut Merged, path: RelPath, s: Option<Entry>, d: Option<Entry>| match (s, d) {
+        (Some(a), Some(b)) => {
+            m.src.tree.entries.push((path.clone(), a));
+            m.dst.tree.entries.push((path, b));
+        }
+        (Some(a), None) => m.src.tree.entries.push((path, a)),
+        (None, Some(b)) => m.dst.tree.entries.push((path, b)),
+        (None, None) => {}
+    };
     // Directories whose subtrees are still ahead; each opened inside the one below it, so they
     // close in reverse order.
     let mut open: Vec<Open> = Vec::new();
@@ -340,7 +349,7 @@ fn join(
                 .filter(|o| !o.kept && o.path.is_ancestor_of(&path))
             {
                 o.kept = true;
-                kept.push((o.path.clone(), o.src.clone(), o.dst.clone()));
+                keep_in(&mut m, o.path.clone(), o.src.clone(), o.dst.clone());
             }
         }
         if let Some(e) = &d {
@@ -356,19 +365,13 @@ fn join(
             });
         }
         if keep {
-            kept.push((path, s, d));
+            keep_in(&mut m, path, s, d);
         }
     }
     // A parent is kept when its first kept child is met, after paths that sort between them.
-    kept.sort_by(|a, b| a.0.cmp(&b.0));
-    for (path, s, d) in kept {
-        if let Some(e) = s {
-            m.src.tree.entries.push((path.clone(), e));
-        }
-        if let Some(e) = d {
-            m.dst.tree.entries.push((path, e));
-        }
-    }
+    // The trees are nearly sorted and hold each path once: sorted in place.
+    m.src.tree.entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    m.dst.tree.entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     m.contents.prefixes.sort_unstable();
     m.contents.prefixes.dedup();
     m

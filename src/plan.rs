@@ -22,8 +22,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use crate::diff::Change;
 use crate::entry::{Content, Entry, Hash, Kind, RelPath};
 
-/// One step of a plan. `src` is the source entry the result must match; entries are boxed to
-/// keep an operation small (an initial sync plans one for every source path).
+/// An entry of the source tree a plan was made from (see [`Plan::entry`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SrcRef(u32);
+
+/// One step of a plan. `src` is the source entry the result must match, referred to rather
+/// than copied: an initial sync plans an operation for every source path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     Stage {
@@ -36,7 +40,7 @@ pub enum Op {
     },
     Mkdir {
         path: RelPath,
-        src: Box<Entry>,
+        src: SrcRef,
         code: Code,
     },
     /// `orig` is where the node was before the plan; `tmp` is where it is now: its staging name,
@@ -45,34 +49,34 @@ pub enum Op {
         tmp: RelPath,
         orig: RelPath,
         to: RelPath,
-        src: Box<Entry>,
+        src: SrcRef,
     },
     /// `trusted` is the replica entry of `from` when the plan was made.
     Copy {
         from: RelPath,
         to: RelPath,
-        src: Box<Entry>,
+        src: SrcRef,
         trusted: Option<Box<Entry>>,
     },
     Write {
         path: RelPath,
-        src: Box<Entry>,
+        src: SrcRef,
         code: Code,
     },
     Symlink {
         path: RelPath,
-        src: Box<Entry>,
+        src: SrcRef,
         code: Code,
     },
     Link {
         leader: RelPath,
         path: RelPath,
-        src: Box<Entry>,
+        src: SrcRef,
         code: Code,
     },
     SetMeta {
         path: RelPath,
-        src: Box<Entry>,
+        src: SrcRef,
     },
 }
 
@@ -133,9 +137,27 @@ pub struct Plan {
     pub items: Vec<Item>,
     /// Bytes that will be read from the source.
     pub bytes_to_copy: u64,
+    /// The (kept) source tree the plan was made from, which the operations refer to.
+    source: Vec<(RelPath, Entry)>,
+}
+
+/// A plan that does not hold the source tree its operations refer to yet: the changes it was
+/// made from borrow that tree, so it is handed over once they are gone.
+pub struct Draft(Plan);
+
+impl Draft {
+    /// Completes the plan with `source`, the tree given to [`plan_with`].
+    pub fn with_source(self, source: Vec<(RelPath, Entry)>) -> Plan {
+        Plan { source, ..self.0 }
+    }
 }
 
 impl Plan {
+    /// The source entry an operation refers to.
+    pub fn entry(&self, r: SrcRef) -> &Entry {
+        &self.source[r.0 as usize].1
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
@@ -155,14 +177,15 @@ impl Plan {
 /// Name prefix of every temporary node dirsync creates inside the replica.
 pub const TMP_PREFIX: &str = ".dirsync-tmp-";
 
-/// Builds the plan for `changes`. `src` and `dst` are the two trees the changes came from.
+/// Builds the plan for `changes`. `src` and `dst` are the two trees the changes came from; the
+/// plan keeps a copy of `src`.
 pub fn plan(
     changes: &[Change],
     src: &[(RelPath, Entry)],
     dst: &[(RelPath, Entry)],
     owners: bool,
 ) -> Plan {
-    plan_with(changes, src, dst, &[], owners)
+    plan_with(changes, src, dst, &[], owners).with_source(src.to_vec())
 }
 
 /// [`plan`] from parts of the two trees: `src` and `dst` need to hold only every changed path,
@@ -175,15 +198,17 @@ pub fn plan_with(
     dst: &[(RelPath, Entry)],
     copy_sources: &[(RelPath, Entry)],
     owners: bool,
-) -> Plan {
-    Planner {
-        src,
-        dst,
-        copy_sources,
-        owners,
-        next_tmp: 0,
-    }
-    .run(changes)
+) -> Draft {
+    Draft(
+        Planner {
+            src,
+            dst,
+            copy_sources,
+            owners,
+            next_tmp: 0,
+        }
+        .run(changes),
+    )
 }
 
 struct Planner<'a> {
@@ -203,6 +228,18 @@ enum Source {
 }
 
 impl Planner<'_> {
+    /// Where `e`, one of the source tree's entries (as every entry of a change's source side
+    /// is), sits in the tree.
+    fn src_ref(&self, e: &Entry) -> SrcRef {
+        let offset = (e as *const Entry as usize).wrapping_sub(self.src.as_ptr() as usize);
+        let i = offset / std::mem::size_of::<(RelPath, Entry)>();
+        assert!(
+            i < self.src.len() && std::ptr::eq(&self.src[i].1, e),
+            "an entry to replicate is not from the source tree"
+        );
+        SrcRef(i as u32)
+    }
+
     fn tmp_name(&mut self) -> RelPath {
         loop {
             let name = format!("{TMP_PREFIX}stage-{}", self.next_tmp);
@@ -342,7 +379,7 @@ impl Planner<'_> {
                         links.push(Op::Link {
                             leader: leader.clone(),
                             path: path.clone(),
-                            src: Box::new(e.clone()),
+                            src: self.src_ref(e),
                             code,
                         });
                         items.push(Item {
@@ -378,7 +415,7 @@ impl Planner<'_> {
                                 trusted: trusted.map(Box::new),
                                 from,
                                 to: path.clone(),
-                                src: Box::new(e.clone()),
+                                src: self.src_ref(e),
                             });
                         }
                         Source::Fresh => {
@@ -456,7 +493,7 @@ impl Planner<'_> {
             if e.is_dir() {
                 ops.push(Op::Mkdir {
                     path: path.clone(),
-                    src: Box::new(e.clone()),
+                    src: self.src_ref(e),
                     code,
                 });
             }
@@ -467,19 +504,19 @@ impl Planner<'_> {
             if !old.same_meta(e, self.owners) && !e.is_dir() {
                 moved_meta.push(Op::SetMeta {
                     path: to.clone(),
-                    src: Box::new(e.clone()),
+                    src: self.src_ref(e),
                 });
             }
             ops.push(Op::Rename {
                 tmp: staged.get(&from).unwrap_or(&from).clone(),
                 orig: from,
                 to,
-                src: Box::new(e.clone()),
+                src: self.src_ref(e),
             });
         }
         ops.extend(copies);
         for (path, e, code) in writes {
-            let (path, src) = (path.clone(), Box::new(e.clone()));
+            let (path, src) = (path.clone(), self.src_ref(e));
             ops.push(match e.kind() {
                 Kind::Symlink => Op::Symlink { path, src, code },
                 _ => Op::Write { path, src, code },
@@ -491,7 +528,7 @@ impl Planner<'_> {
             if !e.is_dir() {
                 ops.push(Op::SetMeta {
                     path: (*path).clone(),
-                    src: Box::new((*e).clone()),
+                    src: self.src_ref(e),
                 });
             }
             items.push(Item {
@@ -538,7 +575,7 @@ impl Planner<'_> {
             let e = lookup(self.src, &d).expect("filtered on being in the source");
             ops.push(Op::SetMeta {
                 path: d,
-                src: Box::new(e.clone()),
+                src: self.src_ref(e),
             });
         }
 
@@ -548,6 +585,7 @@ impl Planner<'_> {
             ops,
             items,
             bytes_to_copy: bytes,
+            source: Vec::new(),
         }
     }
 
@@ -724,7 +762,7 @@ mod tests {
                 Op::Mkdir { path, src, .. } => {
                     parent_ok(&m, path);
                     assert!(!m.contains_key(path), "mkdir over {path}");
-                    m.insert(path.clone(), (**src).clone());
+                    m.insert(path.clone(), plan.entry(*src).clone());
                 }
                 Op::Rename { tmp, to, .. } => {
                     parent_ok(&m, to);
@@ -735,10 +773,10 @@ mod tests {
                     let f = m.get(from).expect("copy source exists");
                     assert_eq!(
                         f.file_hash(),
-                        src.file_hash(),
+                        plan.entry(*src).file_hash(),
                         "copy {from} has other content"
                     );
-                    m.insert(to.clone(), (**src).clone());
+                    m.insert(to.clone(), plan.entry(*src).clone());
                 }
                 Op::Write { path, src, .. } | Op::Symlink { path, src, .. } => {
                     parent_ok(&m, path);
@@ -746,17 +784,20 @@ mod tests {
                         !m.get(path).is_some_and(Entry::is_dir),
                         "write over dir {path}"
                     );
-                    m.insert(path.clone(), (**src).clone());
+                    m.insert(path.clone(), plan.entry(*src).clone());
                 }
                 Op::Link {
                     leader, path, src, ..
                 } => {
                     parent_ok(&m, path);
-                    assert_eq!(m.get(leader).and_then(Entry::file_hash), src.file_hash());
-                    m.insert(path.clone(), (**src).clone());
+                    assert_eq!(
+                        m.get(leader).and_then(Entry::file_hash),
+                        plan.entry(*src).file_hash()
+                    );
+                    m.insert(path.clone(), plan.entry(*src).clone());
                 }
                 Op::SetMeta { path, src } => {
-                    m.get_mut(path).expect("meta of existing").meta = src.meta;
+                    m.get_mut(path).expect("meta of existing").meta = plan.entry(*src).meta;
                 }
             }
         }

@@ -22,7 +22,7 @@ use crate::hash::fill_tree_hashes;
 use crate::index::{Index, ReadIndex, Roots, Snapshot, Table, Update};
 use crate::merge;
 use crate::oplog::OpLog;
-use crate::plan::{Code, Plan, plan_with};
+use crate::plan::{Code, Draft, Plan, plan_with};
 use crate::replica::local::LocalReplica;
 use crate::scan::{self, Side, Tree};
 
@@ -143,8 +143,13 @@ fn scan_both(cfg: &Config, snapshot: &Snapshot) -> Result<(Scanned, Vec<Update>)
 /// Diffs the kept trees and plans. Replica files that the merge dropped as unchanged can still
 /// be copy sources: a wanted content that no kept replica file has is looked up in what the
 /// merge remembers of them, and when that cannot tell (a small file), in the recorded replica
-/// table.
-fn make_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Plan> {
+/// table. The plan takes the kept source tree, whose entries its operations refer to.
+fn make_plan(cfg: &Config, s: &mut Scanned, snapshot: &Snapshot) -> Result<Plan> {
+    let plan = draft_plan(cfg, s, snapshot)?;
+    Ok(plan.with_source(std::mem::take(&mut s.src.entries)))
+}
+
+fn draft_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Draft> {
     let changes = diff(&s.src.entries, &s.dst.entries, cfg.owners, &|p| {
         s.src.is_unknown(p)
     });
@@ -213,9 +218,9 @@ pub fn status(cfg: &Config) -> Result<Report> {
         replica: &cfg.roots.replica,
     };
     let snapshot = ReadIndex::open(&cfg.index, &roots)?.snapshot()?;
-    let (s, _) = scan_both(cfg, &snapshot)?;
+    let (mut s, _) = scan_both(cfg, &snapshot)?;
     let mut report = Report {
-        plan: make_plan(cfg, &s, &snapshot)?,
+        plan: make_plan(cfg, &mut s, &snapshot)?,
         ..Report::default()
     };
     describe_problems(&mut report, &s);
@@ -262,11 +267,10 @@ impl Session {
         let snapshot = self.index.snapshot()?;
         let (mut s, learned) = scan_both(cfg, &snapshot)?;
         log::debug!("scanned in {:?}", start.elapsed());
-        let plan = make_plan(cfg, &s, &snapshot)?;
+        let plan = make_plan(cfg, &mut s, &snapshot)?;
         // Pages the snapshot still sees cannot be reused by the commits below.
         drop(snapshot);
-        // The plan holds what it needs; an initial sync's kept trees are the whole source.
-        s.src.entries = Vec::new();
+        // The plan holds what it needs of the replica tree.
         s.dst.entries = Vec::new();
         log::debug!("planned in {:?}", start.elapsed());
         guard_rails(cfg, &s, &plan)?;
