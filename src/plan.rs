@@ -228,8 +228,9 @@ enum Source {
 }
 
 impl Planner<'_> {
-    /// Where `e`, one of the source tree's entries (as every entry of a change's source side
-    /// is), sits in the tree.
+    /// Where `e` sits in the source tree. Changes hand out references into the tree, so every
+    /// source entry the planner sees is one of its elements, and its index follows from its
+    /// address; the assertion checks that it is.
     fn src_ref(&self, e: &Entry) -> SrcRef {
         let offset = (e as *const Entry as usize).wrapping_sub(self.src.as_ptr() as usize);
         let i = offset / std::mem::size_of::<(RelPath, Entry)>();
