@@ -124,14 +124,13 @@ fn compare<'a>(
     dst: &'a Entry,
     owners: bool,
 ) -> Option<Change<'a>> {
-    let (s, d) = (src, dst);
-    if s.kind() != d.kind() {
+    if src.kind() != dst.kind() {
         return Some(Change::Type { path, src, dst });
     }
-    if !s.is_dir() && (!s.same_content(d) || s.link != d.link) {
+    if !src.is_dir() && (!src.same_content(dst) || src.link != dst.link) {
         return Some(Change::Modify { path, src, dst });
     }
-    if !s.same_meta(d, owners) {
+    if !src.same_meta(dst, owners) {
         return Some(Change::Meta { path, src, dst });
     }
     None

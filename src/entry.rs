@@ -30,6 +30,14 @@ pub struct InvalidPath {
     pub why: &'static str,
 }
 
+/// The parent of a path given as the bytes of a valid [`RelPath`] other than the root: empty
+/// (the root) for a top-level name.
+pub fn parent_of(b: &[u8]) -> &[u8] {
+    b.iter()
+        .rposition(|&c| c == b'/')
+        .map_or(&b[..0], |i| &b[..i])
+}
+
 impl RelPath {
     /// The root of a tree.
     pub fn root() -> RelPath {
@@ -84,13 +92,12 @@ impl RelPath {
 
     /// The parent directory; `None` for the root.
     pub fn parent(&self) -> Option<RelPath> {
-        if self.is_root() {
-            return None;
-        }
-        Some(match self.0.iter().rposition(|&b| b == b'/') {
-            Some(i) => RelPath(self.0[..i].to_vec()),
-            None => RelPath::root(),
-        })
+        self.parent_bytes().map(|b| RelPath(b.to_vec()))
+    }
+
+    /// The parent's bytes, without allocating; `None` for the root.
+    pub fn parent_bytes(&self) -> Option<&[u8]> {
+        (!self.is_root()).then(|| parent_of(&self.0))
     }
 
     /// The last component; empty for the root.

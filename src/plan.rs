@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::diff::Change;
-use crate::entry::{Content, Entry, Hash, Kind, RelPath};
+use crate::entry::{Content, Entry, Hash, Kind, RelPath, parent_of};
 
 /// An entry of the source tree a plan was made from (see [`Plan::entry`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -629,7 +629,7 @@ impl Planner<'_> {
             blocked.insert(to.as_bytes());
         }
         let clear_above = |p: &RelPath| {
-            let mut q = parent_bytes(p);
+            let mut q = p.parent_bytes();
             while let Some(b) = q.filter(|b| !b.is_empty()) {
                 if blocked.contains(b) {
                     return false;
@@ -674,21 +674,9 @@ fn items_delete(items: &mut Vec<Item>, path: &RelPath, deleted: bool) {
 
 /// Records the parent directory of `p`, if any, as one whose metadata must be restored.
 fn touch<'a>(dirs: &mut HashSet<&'a [u8]>, p: &'a RelPath) {
-    if let Some(parent) = parent_bytes(p) {
+    if let Some(parent) = p.parent_bytes() {
         dirs.insert(parent);
     }
-}
-
-/// The parent of `p` as bytes, without allocating; `None` for the root.
-fn parent_bytes(p: &RelPath) -> Option<&[u8]> {
-    (!p.is_root()).then(|| parent_of(p.as_bytes()))
-}
-
-/// The parent of a non-root path's bytes; the root's bytes (empty) for a top-level name.
-fn parent_of(b: &[u8]) -> &[u8] {
-    b.iter()
-        .rposition(|&c| c == b'/')
-        .map_or(&b[..0], |i| &b[..i])
 }
 
 fn under_any(set: &HashSet<RelPath>, path: &RelPath) -> bool {
