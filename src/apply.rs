@@ -11,6 +11,7 @@
 //!   next scan finds those files in the replica and re-hashes them instead of copying them.
 //! - The stop flag is checked between operations: an interrupted sync commits what it did.
 
+use std::collections::HashSet;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,12 +34,74 @@ pub const BATCH_TIME: Duration = Duration::from_secs(2);
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub ops_done: u64,
+    /// The plan's changes that were carried out, by status code (an operation that failed or was
+    /// never reached is not counted).
+    pub done: Tally,
     pub bytes_written: u64,
     /// Operations that failed, with the replica path and the error.
     pub errors: Vec<(RelPath, String)>,
     pub interrupted: bool,
     /// The replica's filesystem ran out of space (or quota); the run stopped there.
     pub disk_full: bool,
+    /// The replica's filesystem is read-only; the run stopped at the first write it refused.
+    pub read_only: bool,
+}
+
+/// Counts of applied changes, one per status [`Code`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally([u64; 7]);
+
+impl Tally {
+    pub fn get(&self, code: Code) -> u64 {
+        self.0[code as usize]
+    }
+
+    pub fn add(&mut self, code: Code) {
+        self.0[code as usize] += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+/// Which change of the plan an applied operation completes. Most operations carry their code;
+/// a removal is a change only when the path leaves the replica (`D`, not the first half of a
+/// `T`), and a metadata update only when it is the plan's `m` item for that path (not the
+/// restoring of a directory's mtime after its entries changed).
+struct Changes<'a> {
+    deletes: HashSet<&'a RelPath>,
+    metas: HashSet<&'a RelPath>,
+}
+
+impl<'a> Changes<'a> {
+    fn of(plan: &'a Plan) -> Self {
+        let of_code = |c: Code| -> HashSet<&'a RelPath> {
+            plan.items
+                .iter()
+                .filter(|i| i.code == c)
+                .map(|i| &i.path)
+                .collect()
+        };
+        Changes {
+            deletes: of_code(Code::Delete),
+            metas: of_code(Code::Meta),
+        }
+    }
+
+    fn code(&self, op: &Op) -> Option<Code> {
+        match op {
+            Op::Stage { .. } => None,
+            Op::Remove { path, .. } => self.deletes.contains(path).then_some(Code::Delete),
+            Op::SetMeta { path, .. } => self.metas.contains(path).then_some(Code::Meta),
+            Op::Rename { .. } => Some(Code::Move),
+            Op::Copy { .. } => Some(Code::Copy),
+            Op::Mkdir { code, .. }
+            | Op::Write { code, .. }
+            | Op::Symlink { code, .. }
+            | Op::Link { code, .. } => Some(*code),
+        }
+    }
 }
 
 /// Batches index updates and commits them durably from time to time. A failed commit (a full
@@ -104,13 +167,67 @@ struct Ctx<'a> {
     source: &'a Path,
     /// Staging names whose `Stage` failed: their node never left its place.
     unstaged: std::sync::Mutex<std::collections::HashSet<RelPath>>,
+    /// Directories whose `Mkdir` failed: nothing below them is attempted.
+    no_dirs: std::sync::Mutex<Vec<RelPath>>,
+    any_no_dir: AtomicBool,
 }
+
+/// A source file that is gone (or became a symlink) since the scan; the only error reported as
+/// "vanished from the source".
+#[derive(Debug)]
+struct Vanished;
+
+impl std::fmt::Display for Vanished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no longer in the source")
+    }
+}
+
+impl std::error::Error for Vanished {}
+
+fn is_vanished(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|x| x.is::<Vanished>())
+}
+
+/// The error for an operation below a directory that could not be created.
+#[derive(Debug)]
+struct NoDir(RelPath);
+
+impl std::fmt::Display for NoDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "its directory {} could not be created (see above)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for NoDir {}
 
 /// The result of one operation: index updates, bytes copied.
 type OpResult = io::Result<(Vec<Update>, u64)>;
 
 impl Ctx<'_> {
     fn run(&self, op: &Op) -> OpResult {
+        if self.any_no_dir.load(Ordering::Relaxed) {
+            let no_dirs = self.no_dirs.lock().expect("not poisoned");
+            if let Some(d) = no_dirs.iter().find(|d| d.is_ancestor_of(op.target())) {
+                return Err(io::Error::other(NoDir(d.clone())));
+            }
+        }
+        let res = self.run_op(op);
+        if let (Op::Mkdir { path, .. }, Err(_)) = (op, &res) {
+            self.no_dirs
+                .lock()
+                .expect("not poisoned")
+                .push(path.clone());
+            self.any_no_dir.store(true, Ordering::Relaxed);
+        }
+        res
+    }
+
+    fn run_op(&self, op: &Op) -> OpResult {
         let r = self.replica;
         match op {
             Op::Stage { from, tmp } => {
@@ -269,14 +386,14 @@ impl Ctx<'_> {
     /// Copies a file from the source, hashing it on the way, and records both sides.
     fn write(&self, path: &RelPath, planned: &Entry) -> OpResult {
         let abs = path.to_path(self.source);
-        let file = open_nofollow(&abs)?;
+        let file = open_nofollow(&abs).map_err(|e| match vanished(&e) {
+            true => io::Error::new(io::ErrorKind::NotFound, Vanished),
+            false => e,
+        })?;
         let seen = Time::now();
         let before = file.metadata()?;
         if !before.file_type().is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                "no longer a regular file in the source",
-            ));
+            return Err(io::Error::new(io::ErrorKind::NotFound, Vanished));
         }
         // Metadata as the file is now: it may have changed since the scan.
         let mut src = planned.clone();
@@ -364,8 +481,11 @@ pub fn apply(
         replica,
         source,
         unstaged: Default::default(),
+        no_dirs: Default::default(),
+        any_no_dir: AtomicBool::new(false),
     };
     let kill_after = fault_kill_after();
+    let changes = Changes::of(plan);
     let mut out = Outcome::default();
     let ops = &plan.ops;
     let mut i = 0;
@@ -376,9 +496,9 @@ pub fn apply(
         }
         if !matches!(ops[i], Op::Write { .. }) {
             let res = ctx.run(&ops[i]);
-            out.finish(&ops[i], res, rec, log, kill_after)?;
+            out.finish(&ops[i], res, (rec, log), &changes, kill_after)?;
             i += 1;
-            if out.disk_full || rec.failed.is_some() {
+            if out.halted() || rec.failed.is_some() {
                 break;
             }
             continue;
@@ -417,12 +537,12 @@ pub fn apply(
                     });
             });
             for (k, res) in rx.into_iter().flatten() {
-                if let Err(e) = out.finish(&run[k], res, rec, log, kill_after) {
+                if let Err(e) = out.finish(&run[k], res, (rec, log), &changes, kill_after) {
                     halt.store(true, Ordering::Relaxed);
                     return Err(e);
                 }
                 // Every later write would fail the same way.
-                if out.disk_full || rec.failed.is_some() {
+                if out.halted() || rec.failed.is_some() {
                     halt.store(true, Ordering::Relaxed);
                 }
             }
@@ -433,7 +553,7 @@ pub fn apply(
         if stop.load(Ordering::Relaxed) {
             out.interrupted = true;
         }
-        if out.disk_full || out.interrupted || rec.failed.is_some() {
+        if out.halted() || out.interrupted || rec.failed.is_some() {
             break;
         }
     }
@@ -454,13 +574,16 @@ impl Outcome {
         &mut self,
         op: &Op,
         res: OpResult,
-        rec: &mut Recorder,
-        log: &mut OpLog,
+        (rec, log): (&mut Recorder, &mut OpLog),
+        changes: &Changes,
         kill_after: Option<u64>,
     ) -> Result<()> {
         match res {
             Ok((updates, bytes)) => {
                 self.ops_done += 1;
+                if let Some(code) = changes.code(op) {
+                    self.done.add(code);
+                }
                 if kill_after == Some(self.ops_done) {
                     let _ = rustix::process::kill_process(
                         rustix::process::getpid(),
@@ -475,32 +598,53 @@ impl Outcome {
             }
             Err(e) => {
                 let path = op.target().clone();
-                let full = is_out_of_space(&e);
-                let msg = if full {
-                    format!(
+                let halt = halting(&e);
+                let msg = match halt {
+                    Some(Halt::Full) => format!(
                         "the replica's filesystem is full (writing {path}); stopped here: \
                          free space in the replica and run again, what was done is kept"
-                    )
-                } else {
-                    describe(op, &e)
+                    ),
+                    Some(Halt::ReadOnly) => format!(
+                        "the replica's filesystem is read-only (writing {path}); stopped here: \
+                         remount it read-write and run again, what was done is kept"
+                    ),
+                    None => describe(op, &e),
                 };
-                // One message for a full disk, however many writes were under way.
-                if !(full && self.disk_full) {
+                // One message for a full or read-only disk, however many writes were under way.
+                if !(halt.is_some() && self.halted()) {
                     log::error!("{msg}");
                     log.error(&msg);
                     self.errors.push((path, msg));
                 }
-                self.disk_full |= full;
+                self.disk_full |= halt == Some(Halt::Full);
+                self.read_only |= halt == Some(Halt::ReadOnly);
             }
         }
         Ok(())
     }
+
+    /// True when every later write would fail the same way as one that did.
+    pub fn halted(&self) -> bool {
+        self.disk_full || self.read_only
+    }
 }
 
-fn is_out_of_space(e: &io::Error) -> bool {
-    let code = e.raw_os_error();
-    code == Some(rustix::io::Errno::NOSPC.raw_os_error())
-        || code == Some(rustix::io::Errno::DQUOT.raw_os_error())
+/// Replica errors after which the run stops instead of failing every later operation alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Halt {
+    Full,
+    ReadOnly,
+}
+
+fn halting(e: &io::Error) -> Option<Halt> {
+    use rustix::io::Errno;
+    match e.raw_os_error() {
+        Some(c) if c == Errno::NOSPC.raw_os_error() || c == Errno::DQUOT.raw_os_error() => {
+            Some(Halt::Full)
+        }
+        Some(c) if c == Errno::ROFS.raw_os_error() => Some(Halt::ReadOnly),
+        _ => None,
+    }
 }
 
 fn describe(op: &Op, e: &io::Error) -> String {
@@ -509,7 +653,10 @@ fn describe(op: &Op, e: &io::Error) -> String {
         Op::Remove { path, .. } => format!("cannot remove {path} from the replica"),
         Op::Mkdir { path, .. } => format!("cannot create directory {path} in the replica"),
         Op::Rename { orig, to, .. } => format!("cannot move {orig} to {to} in the replica"),
-        Op::Copy { to, .. } | Op::Write { path: to, .. } if vanished(e) => {
+        _ if e.get_ref().is_some_and(|x| x.is::<NoDir>()) => {
+            format!("cannot create {} in the replica", op.target())
+        }
+        Op::Copy { to, .. } | Op::Write { path: to, .. } if is_vanished(e) => {
             format!("{to} vanished from the source while syncing")
         }
         Op::Copy { from, to, .. } => format!("cannot copy {from} to {to}"),

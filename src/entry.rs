@@ -188,6 +188,22 @@ impl fmt::Display for RelPath {
         if self.is_root() {
             return f.write_str(".");
         }
+        Shown(&self.0).fmt(f)
+    }
+}
+
+/// Path bytes for a message: valid UTF-8 as it is, except that `\` shows as `\\` and control
+/// characters and invalid bytes as `\xNN`, so that no file name can start a new line or send
+/// a terminal escape.
+pub struct Shown<'a>(pub &'a [u8]);
+
+/// `path` for a message (see [`Shown`]).
+pub fn shown(path: &Path) -> Shown<'_> {
+    Shown(path.as_os_str().as_bytes())
+}
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for chunk in self.0.utf8_chunks() {
             for c in chunk.valid().chars() {
                 if c == '\\' {

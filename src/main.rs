@@ -4,7 +4,7 @@
 mod cli;
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use clap::Parser;
 
@@ -25,10 +25,38 @@ enum ExitCode {
     Partial = 3,
 }
 
+/// Set by the first SIGINT, SIGTERM or SIGHUP: finish the current operation, record it, stop.
 static STOP: AtomicBool = AtomicBool::new(false);
-static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+/// The exit status of a second signal, which ends the process at once: 128 + the signal's
+/// number, as a shell reports a process killed by it.
+const SIGNALS: [(i32, i32); 3] = [
+    (signal_hook::consts::SIGINT, 130),
+    (signal_hook::consts::SIGTERM, 143),
+    (signal_hook::consts::SIGHUP, 129),
+];
+
+/// First signal: set [`STOP`]. Second: exit at once, which is safe because every replica write
+/// is a temporary file renamed into place and the index commits are atomic. Installed before
+/// anything else runs, so that a signal in the first milliseconds also stops cleanly.
+fn install_signal_handlers() {
+    for (sig, status) in SIGNALS {
+        // The shutdown is registered first, so that it sees the flag as it was before this signal.
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, status, &STOP);
+        let _ = signal_hook::flag::register(sig, &STOP);
+    }
+}
+
+/// Writes a line to stderr. A closed or full stderr is not an error worth dying for: the run
+/// goes on (and its index stays consistent), it just cannot say anything.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
 
 fn main() {
+    install_signal_handlers();
     let cli = Cli::parse();
     let common = cli.command.common();
     let level = match (common.quiet, common.verbose) {
@@ -38,21 +66,16 @@ fn main() {
         (false, _) => "debug",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
-        .format_timestamp(None)
-        .format_target(false)
+        .format(|buf, record| match record.level() {
+            log::Level::Error => writeln!(buf, "dirsync: error: {}", record.args()),
+            log::Level::Warn => writeln!(buf, "dirsync: warning: {}", record.args()),
+            _ => writeln!(buf, "{}", record.args()),
+        })
         .init();
-    // First signal: finish the current operation and stop. Second: exit at once, which is
-    // safe because every replica write is a temporary file renamed into place.
-    let _ = ctrlc::set_handler(|| {
-        if SIGNALS.fetch_add(1, Ordering::SeqCst) > 0 {
-            std::process::exit(130);
-        }
-        STOP.store(true, Ordering::SeqCst);
-    });
     let code = match run(&cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("dirsync: error: {e}");
+            say!("dirsync: error: {e}");
             ExitCode::Fatal
         }
     };
@@ -66,15 +89,13 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
     match &cli.command {
         Command::Status { json, .. } => {
             let report = sync::status(&cfg)?;
-            print_plan(&report, *json);
             print_problems(&report);
-            Ok(exit_for(&report))
+            Ok(show_plan(&report, *json, quiet))
         }
         Command::Sync { dry_run: true, .. } => {
             let report = sync::status(&cfg)?;
-            print_plan(&report, false);
             print_problems(&report);
-            Ok(exit_for(&report))
+            Ok(show_plan(&report, false, quiet))
         }
         Command::Sync { .. } => {
             let mut session = Session::open(&cfg)?;
@@ -86,13 +107,17 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             let mut session = Session::open(&cfg)?;
             let v = session.verify(*repair, &STOP)?;
             for e in &v.scan_errors {
-                eprintln!("dirsync: error: {e}");
+                say!("dirsync: error: {e}");
             }
             for p in &v.mismatched {
-                println!("{} {p}", if *repair { "repaired" } else { "corrupt" });
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "{} {p}",
+                    if *repair { "repaired" } else { "corrupt" }
+                );
             }
             if !quiet {
-                eprintln!(
+                say!(
                     "verified {} files ({}): {} differ from the index, {} not recorded yet",
                     v.files_checked,
                     sync::human_bytes(v.bytes_checked),
@@ -129,22 +154,51 @@ fn exit_for(report: &Report) -> ExitCode {
     }
 }
 
-fn print_plan(report: &Report, json: bool) {
+/// Prints the plan on stdout (`status`, `sync --dry-run`) and returns the exit code. Output that
+/// cannot be written fails the command: a script must not take a cut list for the whole one.
+fn show_plan(report: &Report, json: bool, quiet: bool) -> ExitCode {
+    if let Err(e) = print_plan(report, json) {
+        // A reader that went away (`dirsync status | head`) knows why; anything else is said.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            say!("dirsync: error: cannot write the output: {e}");
+        }
+        return ExitCode::Fatal;
+    }
+    if report.plan.items.is_empty() && !json && !quiet {
+        match report.error_count() {
+            0 => say!("up to date"),
+            n => say!("up to date, except for {n} paths that could not be read (see above)"),
+        }
+    }
+    exit_for(report)
+}
+
+fn print_plan(report: &Report, json: bool) -> std::io::Result<()> {
+    if stdout_was_closed() && (json || !report.plan.items.is_empty()) {
+        return Err(std::io::Error::other("standard output is closed"));
+    }
     let mut out = std::io::stdout().lock();
-    let r = if json {
-        writeln!(out, "{}", dirsync::report::to_json(report))
+    if json {
+        writeln!(out, "{}", dirsync::report::to_json(report))?;
     } else {
-        dirsync::report::write_text(&mut out, &report.plan)
+        dirsync::report::write_text(&mut out, &report.plan)?;
+    }
+    out.flush()
+}
+
+/// True when the process started with its stdout closed: the Rust runtime then opens
+/// `/dev/null` read-write in its place, which no shell redirection does (`>/dev/null` opens it
+/// write-only), so output written there would be lost without an error.
+fn stdout_was_closed() -> bool {
+    use rustix::fs::{OFlags, fcntl_getfl, fstat, major, minor};
+    let fd = std::io::stdout();
+    let (Ok(st), Ok(fl)) = (fstat(&fd), fcntl_getfl(&fd)) else {
+        return false;
     };
-    // A closed pipe (`dirsync status | head`) is not an error.
-    if let Err(e) = r.and_then(|_| out.flush())
-        && e.kind() != std::io::ErrorKind::BrokenPipe
-    {
-        eprintln!("dirsync: error: cannot write to stdout: {e}");
-    }
-    if report.plan.items.is_empty() && !json {
-        eprintln!("up to date");
-    }
+    let is_null = rustix::fs::FileType::from_raw_mode(st.st_mode)
+        == rustix::fs::FileType::CharacterDevice
+        && (major(st.st_rdev), minor(st.st_rdev)) == (1, 3);
+    is_null && (fl & OFlags::RWMODE) == OFlags::RDWR
 }
 
 fn print_problems(report: &Report) {
@@ -152,7 +206,7 @@ fn print_problems(report: &Report) {
         log::warn!("skipped {p}: special files (FIFOs, sockets, devices) are not replicated");
     }
     for e in &report.scan_errors {
-        eprintln!("dirsync: error: {e}");
+        say!("dirsync: error: {e}");
     }
 }
 
@@ -163,10 +217,10 @@ fn finish_pass(cfg: &Config, report: &Report, quiet: bool, verbose: bool) {
         let _ = dirsync::report::write_text(&mut err, &report.plan);
     }
     if report.outcome.interrupted {
-        eprintln!("dirsync: interrupted; what was done is recorded, run again to finish");
+        say!("dirsync: interrupted; what was done is recorded, run again to finish");
     }
     if !quiet {
-        eprintln!("{}", report.summary());
+        say!("{}", report.summary());
     }
     log::info!(
         "{} -> {}",

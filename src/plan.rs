@@ -580,7 +580,6 @@ impl Planner<'_> {
             });
         }
 
-        items.retain(|i| !i.path.is_root());
         items.sort_unstable_by(|a, b| (&a.path, a.code, &a.from).cmp(&(&b.path, b.code, &b.from)));
         Plan {
             ops,

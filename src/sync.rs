@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::apply::{Outcome, Recorder, apply};
 use crate::config::Config;
 use crate::diff::{Change, diff};
-use crate::entry::{Hash, RelPath};
+use crate::entry::{Hash, RelPath, shown};
 use crate::error::{Error, Result};
 use crate::hash::fill_tree_hashes;
 use crate::index::{Index, ReadIndex, Roots, Snapshot, Table, Update};
@@ -45,21 +45,40 @@ impl Report {
         self.scan_errors.len() + self.outcome.errors.len()
     }
 
-    /// The one-line summary printed after a sync and logged.
+    /// The one-line summary printed after a sync and logged: what was done, not what was
+    /// planned; a run that stopped early says how many planned changes it did not make.
     pub fn summary(&self) -> String {
-        let p = &self.plan;
-        format!(
-            "synced: {} created, {} modified, {} deleted, {} moved, {} copied, {} metadata, {} copied, {} errors in {:.2}s",
-            p.count(Code::Add),
-            p.count(Code::Modify) + p.count(Code::Type),
-            p.count(Code::Delete),
-            p.count(Code::Move),
-            p.count(Code::Copy),
-            p.count(Code::Meta),
+        let done = &self.outcome.done;
+        let mut line = format!(
+            "synced: {} created, {} modified, {} type changed, {} deleted, {} moved, {} copied, {} metadata, {} written, {} errors in {:.2}s",
+            done.get(Code::Add),
+            done.get(Code::Modify),
+            done.get(Code::Type),
+            done.get(Code::Delete),
+            done.get(Code::Move),
+            done.get(Code::Copy),
+            done.get(Code::Meta),
             human_bytes(self.outcome.bytes_written),
             self.error_count(),
             self.elapsed.as_secs_f64()
-        )
+        );
+        let left = (self.plan.items.len() as u64).saturating_sub(done.total());
+        if left > 0 {
+            let why = if self.outcome.interrupted {
+                "interrupted"
+            } else if self.outcome.disk_full {
+                "the replica's filesystem is full"
+            } else if self.outcome.read_only {
+                "the replica's filesystem is read-only"
+            } else {
+                "see the errors above"
+            };
+            line.push_str(&format!(
+                "; {left} of {} planned changes not made ({why})",
+                self.plan.items.len()
+            ));
+        }
+        line
     }
 }
 
@@ -201,7 +220,7 @@ fn describe_problems(report: &mut Report, s: &Scanned) {
     for p in s.src.problems.iter().chain(&s.dst.problems) {
         report.scan_errors.push(format!(
             "cannot read {}: {}; it is left as it was in the replica",
-            p.path.display(),
+            shown(&p.path),
             p.error
         ));
     }
@@ -336,7 +355,7 @@ impl Session {
         };
         for p in &tree.problems {
             out.scan_errors
-                .push(format!("cannot read {}: {}", p.path.display(), p.error));
+                .push(format!("cannot read {}: {}", shown(&p.path), p.error));
         }
         for (path, e) in &tree.entries {
             let Some(h) = e.file_hash() else { continue };

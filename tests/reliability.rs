@@ -115,7 +115,7 @@ fn assert_no_temps(root: &Path) {
     assert!(t.is_empty(), "temporary names left in the replica: {t:?}");
 }
 
-/// The `<size> copied` figure of the `synced:` summary, as the interval of byte counts that
+/// The `<size> written` figure of the `synced:` summary, as the interval of byte counts that
 /// its one-decimal rounding can stand for.
 #[track_caller]
 fn copied_bytes(stderr: &str) -> (f64, f64) {
@@ -124,7 +124,7 @@ fn copied_bytes(stderr: &str) -> (f64, f64) {
         .lines()
         .find_map(|l| l.trim_start().strip_prefix("synced: "))
         .unwrap();
-    let part = line.split(", ").nth(6).unwrap();
+    let part = line.split(", ").nth(7).unwrap();
     let mut words = part.split(' ');
     let v: f64 = words.next().unwrap().parse().unwrap();
     let unit = words.next().unwrap();

@@ -151,13 +151,24 @@ impl LocalReplica {
     ) -> io::Result<T> {
         match op() {
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::ACCESS.raw_os_error()) => {
+                // What the user must hear about is the denial, not why it could not be lifted
+                // (a directory owned by someone else refuses the chmod with EPERM).
+                let mut changed = false;
                 for d in dirs.iter().flatten() {
-                    let fd = self.dir(d)?;
-                    let st = rfs::fstat(&fd).map_err(io_err)?;
-                    rfs::fchmod(&fd, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700))
-                        .map_err(io_err)?;
+                    let Ok(fd) = self.dir(d) else { return Err(e) };
+                    let Ok(st) = rfs::fstat(&fd) else {
+                        return Err(e);
+                    };
+                    if st.st_mode & 0o700 == 0o700 {
+                        continue;
+                    }
+                    let mode = Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700);
+                    if rfs::fchmod(&fd, mode).is_err() {
+                        return Err(e);
+                    }
+                    changed = true;
                 }
-                op()
+                if changed { op() } else { Err(e) }
             }
             other => other,
         }

@@ -695,26 +695,31 @@ impl Drop for Immutable {
 pub struct Summary {
     pub created: u64,
     pub modified: u64,
+    pub type_changed: u64,
     pub deleted: u64,
     pub moved: u64,
     pub copied: u64,
     pub metadata: u64,
     pub errors: u64,
+    /// Planned changes that were not made (`; N of M planned changes not made (why)`).
+    pub not_made: u64,
 }
 
-/// Parses `synced: 3 created, 1 modified, 2 deleted, 1 moved, 0 copied, 0 metadata,
-/// 12.0 KiB copied, 0 errors in 0.01s` out of `text`; panics if no such line is there.
+/// Parses `synced: 3 created, 1 modified, 0 type changed, 2 deleted, 1 moved, 0 copied,
+/// 0 metadata, 12.0 KiB written, 0 errors in 0.01s[; N of M planned changes not made (why)]`
+/// out of `text`; panics if no such line is there.
 #[track_caller]
 pub fn parse_summary(text: &str) -> Summary {
     let line = text
         .lines()
         .find_map(|l| l.trim_start().strip_prefix("synced: "))
         .unwrap_or_else(|| panic!("no `synced: ...` summary line in: {text:?}"));
-    let parts: Vec<&str> = line.split(", ").collect();
+    let (counts, rest) = line.split_once("; ").unwrap_or((line, ""));
+    let parts: Vec<&str> = counts.split(", ").collect();
     assert_eq!(
         parts.len(),
-        8,
-        "summary has 8 comma-separated parts: {line:?}"
+        9,
+        "summary has 9 comma-separated parts: {line:?}"
     );
     let count = |part: &str, label: &str| -> u64 {
         let (n, rest) = part
@@ -727,28 +732,37 @@ pub fn parse_summary(text: &str) -> Summary {
         n.parse()
             .unwrap_or_else(|_| panic!("bad count {n:?} in {line:?}"))
     };
-    let bytes_part = parts[6];
+    let bytes_part = parts[7];
     assert!(
-        bytes_part.ends_with(" copied")
+        bytes_part.ends_with(" written")
             && bytes_part
                 .split(' ')
                 .next()
                 .is_some_and(|n| n.parse::<f64>().is_ok()),
-        "expected `<size> copied` in summary, got {bytes_part:?}"
+        "expected `<size> written` in summary, got {bytes_part:?}"
     );
     assert!(
-        parts[7].contains(" errors in "),
+        parts[8].contains(" errors in "),
         "expected `N errors in <time>` in summary, got {:?}",
-        parts[7]
+        parts[8]
     );
+    let not_made = match rest {
+        "" => 0,
+        r => {
+            assert!(r.contains(" planned changes not made ("), "bad tail {r:?}");
+            count(r, "of ")
+        }
+    };
     Summary {
         created: count(parts[0], "created"),
         modified: count(parts[1], "modified"),
-        deleted: count(parts[2], "deleted"),
-        moved: count(parts[3], "moved"),
-        copied: count(parts[4], "copied"),
-        metadata: count(parts[5], "metadata"),
-        errors: count(parts[7], "errors"),
+        type_changed: count(parts[2], "type changed"),
+        deleted: count(parts[3], "deleted"),
+        moved: count(parts[4], "moved"),
+        copied: count(parts[5], "copied"),
+        metadata: count(parts[6], "metadata"),
+        errors: count(parts[8], "errors"),
+        not_made,
     }
 }
 
@@ -1030,8 +1044,8 @@ mod walker_tests {
         assert!(!is_rfc3339ish("2026-11-24T10:00:00"));
         assert!(!is_rfc3339ish("A"));
         let s = parse_summary(
-            "synced: 3 created, 1 modified, 2 deleted, 1 moved, 0 copied, 0 metadata, \
-             12.0 KiB copied, 0 errors in 0.01s\n",
+            "synced: 3 created, 1 modified, 0 type changed, 2 deleted, 1 moved, 0 copied, \
+             0 metadata, 12.0 KiB written, 0 errors in 0.01s\n",
         );
         assert_eq!(
             s,
@@ -1043,6 +1057,12 @@ mod walker_tests {
                 ..Summary::default()
             }
         );
+        let s = parse_summary(
+            "synced: 3 created, 0 modified, 0 type changed, 0 deleted, 0 moved, 0 copied, \
+             0 metadata, 3 B written, 0 errors in 0.01s; 17 of 20 planned changes not made \
+             (interrupted)",
+        );
+        assert_eq!((s.created, s.not_made), (3, 17));
         let log = parse_log("2026-11-24T10:00:00.123456Z A a b\n2026-11-24T10:00:01Z synced: x\n");
         assert_eq!(
             log,
