@@ -11,6 +11,7 @@
 
 pub mod local;
 pub mod memory;
+pub mod probe;
 
 use std::io::{self, Read};
 

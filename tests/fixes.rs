@@ -1,0 +1,567 @@
+//! What a pass reports and how the binary behaves at its edges: summaries that count what was
+//! done, root metadata, closed or full output streams, escaped names, signals and exit codes.
+//! Each test names the defect it guards against.
+
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::Duration;
+
+use common::*;
+use rustix::process::Signal;
+
+const NOBODY: u32 = 65534;
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn chown_tree(root: &Path) {
+    std::os::unix::fs::lchown(root, Some(NOBODY), Some(NOBODY)).unwrap();
+    if fs::symlink_metadata(root).unwrap().is_dir() {
+        for e in fs::read_dir(root).unwrap() {
+            chown_tree(&e.unwrap().path());
+        }
+    }
+}
+
+/// Runs `dirsync ARGS` as `nobody` (`None` when not root or without `setpriv`).
+fn as_nobody(fx: &Fixture, args: &[&std::ffi::OsStr]) -> Option<std::process::Output> {
+    if !is_root() {
+        return None;
+    }
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "env"])
+        .arg(format!("XDG_STATE_HOME={}", fx.state.display()))
+        .arg(format!("HOME={}", fx.home.display()))
+        .arg(dirsync_bin())
+        .args(args)
+        .output()
+        .ok()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A mount that is undone when the test ends, even when it fails.
+struct Mounted(std::path::PathBuf);
+
+impl Mounted {
+    /// Makes `dir` a read-only bind mount of itself; `None` when mounts are not allowed here.
+    fn read_only(dir: &Path) -> Option<Mounted> {
+        let ok = |args: &[&str]| {
+            Command::new("mount")
+                .args(args)
+                .arg(dir)
+                .arg(dir)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !is_root() || !ok(&["--bind"]) {
+            return None;
+        }
+        let m = Mounted(dir.to_path_buf());
+        let ro = Command::new("mount")
+            .args(["-o", "remount,bind,ro"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ro.then_some(m)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 8: metadata of the root directory
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn root_directory_metadata_changes_are_shown_applied_and_counted() {
+    let fx = Fixture::default();
+    write(&fx.src.join("a"), "a");
+    fx.sync().code(0);
+    set_mode(&fx.src, 0o750);
+    assert_eq!(fx.status_lines(), ["m ."]);
+    let json = stdout_lines(&fx.run("status", &["--json"]).code(0)).join("\n");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["summary"]["meta"], 1, "{json}");
+    assert_eq!(v["changes"][0]["path"], ".", "{json}");
+    let dry = fx.run("sync", &["-n"]).code(0);
+    assert_eq!(stdout_lines(&dry), ["m ."]);
+    let a = fx.sync().code(0);
+    assert_eq!(parse_summary(&stderr_of(&a)).metadata, 1);
+    let mode = fs::metadata(&fx.dst).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o750);
+    fx.assert_up_to_date();
+    // An mtime alone is a change too.
+    set_mtime(&fx.src, 1_000_000_000, 5);
+    assert_eq!(fx.status_lines(), ["m ."]);
+    fx.sync().code(0);
+    assert_mirror(&fx.src, &fx.dst);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 11 and 21: the summary counts what was done
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn summary_counts_only_what_was_applied() {
+    let fx = Fixture::default();
+    mkdir(&fx.src.join("locked"));
+    write(&fx.src.join("keep"), "k");
+    fx.sync().code(0);
+    write(&fx.src.join("locked/x"), "x");
+    write(&fx.src.join("locked/y"), "y");
+    write(&fx.src.join("open/z"), "z");
+    let Some(_guard) = Immutable::set(&fx.dst.join("locked")) else {
+        eprintln!("skipped: the filesystem has no immutable attribute");
+        return;
+    };
+    let a = fx.sync().code(3);
+    let err = stderr_of(&a);
+    let s = parse_summary(&err);
+    // `open` and `open/z` were made; `locked/x` and `locked/y` could not be, nor could the
+    // mtime of `locked` be set (its `m` change).
+    assert_eq!((s.created, s.errors, s.not_made), (2, 3, 3), "{err}");
+    assert!(dst_has(&fx.dst, "open/z") && !dst_has(&fx.dst, "locked/x"));
+}
+
+fn dst_has(dst: &Path, rel: &str) -> bool {
+    fs::symlink_metadata(dst.join(rel)).is_ok()
+}
+
+#[test]
+fn an_interrupted_sync_counts_what_exists() {
+    let fx = Fixture::default();
+    for i in 0..6000 {
+        write(&fx.src.join(format!("d{}/f{i}", i % 50)), bytes(i, 300));
+    }
+    let err = fx.root.join("err");
+    let mut cmd = fx.std_cmd();
+    cmd.arg("sync").arg(&fx.src).arg(&fx.dst);
+    let mut bg = Background::spawn(cmd, &err);
+    assert!(wait_until(Duration::from_secs(20), || dst_has(
+        &fx.dst, "d0"
+    )));
+    bg.signal(Signal::INT);
+    let st = bg.wait_timeout(Duration::from_secs(60)).expect("sync ends");
+    assert_eq!(st.code(), Some(0), "{}", bg.stderr());
+    let s = parse_summary(&bg.stderr());
+    let files = snapshot(&fx.dst)
+        .values()
+        .filter(|n| n.kind == Kind::File)
+        .count() as u64;
+    let dirs = snapshot(&fx.dst)
+        .values()
+        .filter(|n| n.kind == Kind::Dir)
+        .count() as u64;
+    assert_eq!(
+        s.created,
+        files + dirs,
+        "{files} files and {dirs} directories: {}",
+        bg.stderr()
+    );
+    // 6,000 files, 50 directories and the root's metadata were planned.
+    assert_eq!(s.created + s.not_made, 6051, "{}", bg.stderr());
+}
+
+#[test]
+fn a_type_change_is_counted_as_one() {
+    let fx = Fixture::default();
+    write(&fx.src.join("t"), "file");
+    fx.sync().code(0);
+    fs::remove_file(fx.src.join("t")).unwrap();
+    write(&fx.src.join("t/inner"), "x");
+    let s = parse_summary(&stderr_of(&fx.sync().code(0)));
+    assert_eq!((s.type_changed, s.modified, s.created), (1, 0, 1));
+    assert_mirror(&fx.src, &fx.dst);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 9: closed stderr
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_closed_stderr_does_not_crash_a_sync_or_damage_its_index() {
+    let fx = Fixture::default();
+    for i in 0..400 {
+        write(&fx.src.join(format!("f{i}")), format!("{i}"));
+    }
+    let mut child = fx
+        .std_cmd()
+        .args(["sync", "-v"])
+        .arg(&fx.src)
+        .arg(&fx.dst)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read one byte, then close the pipe, as `| head -c1` does.
+    let mut pipe = child.stderr.take().unwrap();
+    let _ = pipe.read(&mut [0u8; 1]);
+    drop(pipe);
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(0), "a closed stderr must not end the run");
+    fx.assert_up_to_date();
+    assert_mirror(&fx.src, &fx.dst);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 14 and 19, 21: status output
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn status_fails_when_its_output_cannot_be_written() {
+    let fx = Fixture::default();
+    write(&fx.src.join("a"), "a");
+    let full = fs::OpenOptions::new().write(true).open("/dev/full");
+    let Ok(full) = full else {
+        eprintln!("skipped: no /dev/full");
+        return;
+    };
+    let out = fx
+        .std_cmd()
+        .args(["status", "--json"])
+        .arg(&fx.src)
+        .arg(&fx.dst)
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot write the output"));
+    // A closed stdout: the shell's `>&-`.
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg("\"$0\" status \"$1\" \"$2\" >&-")
+        .arg(dirsync_bin())
+        .arg(&fx.src)
+        .arg(&fx.dst)
+        .env("XDG_STATE_HOME", &fx.state)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(1));
+    // Redirected to /dev/null on purpose is fine.
+    let st = fx
+        .std_cmd()
+        .arg("status")
+        .arg(&fx.src)
+        .arg(&fx.dst)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(0));
+}
+
+#[test]
+fn quiet_status_prints_nothing_when_up_to_date() {
+    let fx = Fixture::default();
+    write(&fx.src.join("a"), "a");
+    fx.sync().code(0);
+    let a = fx.run("status", &["-q"]).code(0);
+    assert_eq!(stderr_of(&a), "");
+    assert!(stdout_lines(&a).is_empty());
+}
+
+#[test]
+fn status_with_unreadable_paths_does_not_claim_up_to_date() {
+    let fx = Fixture::default();
+    write(&fx.src.join("ok"), "ok");
+    write(&fx.src.join("secret/x"), "x");
+    chown_tree(&fx.root);
+    set_mode(&fx.src.join("secret"), 0o000);
+    let Some(first) = as_nobody(&fx, &["sync".as_ref(), fx.src.as_ref(), fx.dst.as_ref()]) else {
+        eprintln!("skipped: needs root to drop to nobody");
+        return;
+    };
+    assert_eq!(first.status.code(), Some(3), "{}", text(&first.stderr));
+    let st = as_nobody(&fx, &["status".as_ref(), fx.src.as_ref(), fx.dst.as_ref()]).unwrap();
+    assert_eq!(st.status.code(), Some(3));
+    let err = text(&st.stderr);
+    assert!(
+        err.contains("except for 1 paths that could not be read"),
+        "{err}"
+    );
+    assert!(!err.lines().any(|l| l == "up to date"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 15: names in messages are escaped
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn names_in_read_errors_cannot_forge_lines_or_send_escapes() {
+    let fx = Fixture::default();
+    let forged = "dir\nsynced: 0 created";
+    let esc = "esc\x1b[31mred";
+    write(&fx.src.join(forged).join("x"), "x");
+    write(&fx.src.join(esc).join("y"), "y");
+    chown_tree(&fx.root);
+    set_mode(&fx.src.join(forged), 0o000);
+    set_mode(&fx.src.join(esc), 0o000);
+    let Some(out) = as_nobody(&fx, &["sync".as_ref(), fx.src.as_ref(), fx.dst.as_ref()]) else {
+        eprintln!("skipped: needs root to drop to nobody");
+        return;
+    };
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("dir\\x0asynced: 0 created"), "{err}");
+    assert!(err.contains("esc\\x1b[31mred"), "{err}");
+    assert!(
+        !err.contains('\x1b'),
+        "a raw escape reached the terminal: {err:?}"
+    );
+    let summaries = err.lines().filter(|l| l.starts_with("synced: ")).count();
+    assert_eq!(summaries, 1, "a file name forged a summary line: {err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 21: messages
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn every_problem_has_one_prefix() {
+    let fx = Fixture::default();
+    write(&fx.src.join("a"), "a");
+    let fifo = fx.src.join("pipe");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    let err = stderr_of(&fx.sync().code(0));
+    assert!(err.contains("dirsync: warning: skipped pipe"), "{err}");
+    assert!(!err.contains("[WARN") && !err.contains("[ERROR"), "{err}");
+    fs::remove_file(&fifo).unwrap();
+    let err = stderr_of(
+        &fx.cmd()
+            .args(["sync", "/nonexistent-src"])
+            .arg(&fx.dst)
+            .assert()
+            .code(1),
+    );
+    assert!(err.starts_with("dirsync: error: "), "{err}");
+}
+
+#[test]
+fn a_denied_replica_directory_reports_the_denial() {
+    let fx = Fixture::default();
+    write(&fx.src.join("theirs/a"), "a");
+    fx.sync().code(0);
+    chown_tree(&fx.root);
+    // The replica directory belongs to root: nobody can neither write it nor chmod it.
+    std::os::unix::fs::lchown(fx.dst.join("theirs"), Some(0), Some(0)).unwrap();
+    set_mode(&fx.dst.join("theirs"), 0o755);
+    write(&fx.src.join("theirs/b"), "b");
+    chown_tree(&fx.src);
+    let Some(out) = as_nobody(&fx, &["sync".as_ref(), fx.src.as_ref(), fx.dst.as_ref()]) else {
+        eprintln!("skipped: needs root to drop to nobody");
+        return;
+    };
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let copy = err
+        .lines()
+        .find(|l| l.contains("cannot copy theirs/b"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(copy.contains("Permission denied"), "{err}");
+}
+
+#[test]
+fn files_below_a_directory_that_could_not_be_made_are_not_called_vanished() {
+    let fx = Fixture::default();
+    mkdir(&fx.src.join("top"));
+    fx.sync().code(0);
+    write(&fx.src.join("top/new/f1"), "1");
+    write(&fx.src.join("top/new/f2"), "2");
+    let Some(_guard) = Immutable::set(&fx.dst.join("top")) else {
+        eprintln!("skipped: the filesystem has no immutable attribute");
+        return;
+    };
+    let err = stderr_of(&fx.sync().code(3));
+    assert!(!err.contains("vanished"), "{err}");
+    assert!(err.contains("cannot create directory top/new"), "{err}");
+    assert!(
+        err.contains(
+            "cannot create top/new/f1 in the replica: its directory top/new could not be created"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_read_only_replica_filesystem_stops_the_run_with_one_message() {
+    let fx = Fixture::default();
+    write(&fx.src.join("a"), "a");
+    fx.sync().code(0);
+    for i in 0..40 {
+        write(&fx.src.join(format!("n/f{i}")), format!("{i}"));
+        write(&fx.src.join(format!("g{i}")), format!("{i}"));
+    }
+    let Some(_ro) = Mounted::read_only(&fx.dst) else {
+        eprintln!("skipped: needs root for a read-only bind mount");
+        return;
+    };
+    let err = stderr_of(&fx.sync().code(3));
+    let errors = err
+        .lines()
+        .filter(|l| l.starts_with("dirsync: error:"))
+        .count();
+    assert_eq!(errors, 1, "{err}");
+    assert!(err.contains("read-only"), "{err}");
+    let s = parse_summary(&err);
+    assert_eq!(s.created, 0, "{err}");
+    assert!(s.not_made >= 81, "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 16: signals and the exit-code table of README.md
+// ---------------------------------------------------------------------------------------------
+
+/// A source and replica whose first sync must hash two 1 GiB sparse files (same size, one byte
+/// apart) before it can plan: the scan phase takes long enough to receive two signals.
+fn slow_scan_fixture() -> Fixture {
+    let fx = Fixture::default();
+    let size = 1u64 << 30;
+    for (root, last) in [(&fx.src, b'a'), (&fx.dst, b'b')] {
+        mkdir(root);
+        let f = fs::File::create(root.join("big")).unwrap();
+        f.set_len(size).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[last], size - 1).unwrap();
+    }
+    fx
+}
+
+fn run_with_signals(fx: &Fixture, sub: &str, signals: &[Signal]) -> std::process::ExitStatus {
+    let mut cmd = fx.std_cmd();
+    cmd.arg(sub).arg(&fx.src).arg(&fx.dst);
+    if sub == "watch" {
+        cmd.args(["--interval", "10s"]);
+    }
+    let mut bg = Background::spawn(cmd, &fx.root.join(format!("{sub}.err")));
+    sleep(Duration::from_millis(150));
+    for &s in signals {
+        bg.signal(s);
+        sleep(Duration::from_millis(30));
+    }
+    bg.wait_timeout(Duration::from_secs(60))
+        .expect("dirsync ends")
+}
+
+#[test]
+fn a_second_signal_exits_at_once_with_128_plus_its_number() {
+    for (sig, code) in [(Signal::TERM, 143), (Signal::INT, 130), (Signal::HUP, 129)] {
+        let fx = slow_scan_fixture();
+        let st = run_with_signals(&fx, "sync", &[sig, sig]);
+        assert_eq!(st.code(), Some(code), "{sig:?}");
+        // The next sync takes over (repairing the index the abrupt exit left open) and finishes.
+        fx.sync().code(0);
+        assert_mirror(&fx.src, &fx.dst);
+    }
+}
+
+#[test]
+fn a_first_signal_stops_cleanly_with_exit_0() {
+    for sig in [Signal::TERM, Signal::INT, Signal::HUP] {
+        let fx = slow_scan_fixture();
+        let st = run_with_signals(&fx, "sync", &[sig]);
+        assert_eq!(st.code(), Some(0), "{sig:?}");
+    }
+}
+
+#[test]
+fn a_signal_right_after_start_stops_cleanly() {
+    let fx = Fixture::default();
+    write(&fx.src.join("a"), "a");
+    for _ in 0..5 {
+        let mut cmd = fx.std_cmd();
+        cmd.arg("watch").arg(&fx.src).arg(&fx.dst);
+        let mut bg = Background::spawn(cmd, &fx.root.join("w.err"));
+        sleep(Duration::from_millis(3));
+        bg.signal(Signal::TERM);
+        let st = bg.wait_timeout(Duration::from_secs(20)).expect("ends");
+        assert_eq!(st.code(), Some(0), "{}", bg.stderr());
+    }
+}
+
+/// Every row of the README's exit-code table, each produced for real.
+#[test]
+fn the_readme_exit_code_table_is_what_the_binary_does() {
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = readme
+        .split("## Exit codes")
+        .nth(1)
+        .expect("README has an exit-code section");
+    let documented: Vec<String> = table
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .filter_map(|l| l.split('|').nth(1).map(|c| c.trim().to_string()))
+        .filter(|c| {
+            c.chars()
+                .all(|ch| ch.is_ascii_digit() || ch == ',' || ch == ' ')
+        })
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(documented, ["0", "1", "2", "3", "129, 130, 143"], "{table}");
+
+    // 0: success, and a run stopped by a signal.
+    let fx = Fixture::default();
+    write(&fx.src.join("a"), "a");
+    fx.sync().code(0);
+    // 1: bad input, nothing changed.
+    fx.cmd()
+        .args(["sync", "/nonexistent-src"])
+        .arg(&fx.dst)
+        .assert()
+        .code(1);
+    // 1: a guard rail.
+    let empty = Fixture::default();
+    write(&empty.dst.join("x"), "x");
+    empty.sync().code(1);
+    // 1: the replica in use by another dirsync.
+    let mut cmd = fx.std_cmd();
+    cmd.args(["watch", "--interval", "10s"])
+        .arg(&fx.src)
+        .arg(&fx.dst);
+    let mut bg = Background::spawn(cmd, &fx.root.join("w.err"));
+    sleep(Duration::from_millis(300));
+    fx.sync().code(1);
+    bg.signal(Signal::TERM);
+    assert_eq!(
+        bg.wait_timeout(Duration::from_secs(20)).unwrap().code(),
+        Some(0)
+    );
+    // 2: usage.
+    fx.cmd().args(["sync", "--no-such-flag"]).assert().code(2);
+    // 3: partial.
+    mkdir(&fx.src.join("locked"));
+    fx.sync().code(0);
+    write(&fx.src.join("locked/new"), "n");
+    if let Some(_g) = Immutable::set(&fx.dst.join("locked")) {
+        fx.sync().code(3);
+    }
+    // 3: verify found a difference.
+    fs::write(fx.dst.join("a"), "b").unwrap();
+    set_mtime(&fx.dst.join("a"), 0, 0);
+    let v = fx.run("verify", &[]).get_output().status.code();
+    assert_eq!(v, Some(3));
+    // 129, 130, 143: a second signal (see `a_second_signal_exits_at_once_with_128_plus_its_number`).
+}
