@@ -68,13 +68,21 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             let report = sync::status(&cfg)?;
             print_plan(&report, *json);
             print_problems(&report);
+            // `status` informs; only a sync (or its dry run) is refused.
+            if let Some(msg) = &report.refused {
+                eprintln!("dirsync: a sync would be refused: {msg}");
+            }
             Ok(exit_for(&report))
         }
         Command::Sync { dry_run: true, .. } => {
             let report = sync::status(&cfg)?;
             print_plan(&report, false);
             print_problems(&report);
-            Ok(exit_for(&report))
+            // The dry run ends as the real run would: refused by the same guard rail.
+            match report.refused {
+                Some(msg) => Err(Error::Refused { msg }),
+                None => Ok(exit_for(&report)),
+            }
         }
         Command::Sync { .. } => {
             let mut session = Session::open(&cfg)?;
