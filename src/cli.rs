@@ -114,16 +114,12 @@ pub fn config(cmd: &Command) -> Result<Config> {
     let c = cmd.common();
     let roots = config::resolve_roots(&c.src, &c.dst)?;
     let index = match &c.index {
-        Some(p) => config::absolute_file(p)?,
+        Some(p) => p.clone(),
         None => config::default_index(&roots.replica)?,
     };
-    config::check_outside(&index, &roots, "index")?;
+    let index = config::file_outside(&index, &roots, "index")?;
     let log_file = match &c.log_file {
-        Some(p) => {
-            let p = config::absolute_file(p)?;
-            config::check_outside(&p, &roots, "log file")?;
-            Some(p)
-        }
+        Some(p) => Some(config::file_outside(p, &roots, "log file")?),
         None => None,
     };
     let (reindex, allow_empty_source, max_delete, interval) = match cmd {

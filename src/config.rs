@@ -7,6 +7,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::nesting::{Place, existing_prefix};
 
 /// The two trees of a sync, as canonical absolute paths.
 #[derive(Clone, Debug)]
@@ -75,7 +76,27 @@ pub fn resolve_roots(src: &Path, dst: &Path) -> Result<Roots> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => (canonical_missing(dst)?, false),
         Err(e) => return Err(Error::io(dst, e)),
     };
-    if source == replica {
+    check_apart(src, dst, &source, &replica, replica_exists)?;
+    Ok(Roots {
+        source,
+        replica,
+        replica_exists,
+    })
+}
+
+/// Refuses roots that are one directory, or one inside the other, however they are reached:
+/// see [`Place`]. A missing replica is inside the source when its deepest existing ancestor is.
+fn check_apart(
+    src: &Path,
+    dst: &Path,
+    source: &Path,
+    replica: &Path,
+    replica_exists: bool,
+) -> Result<()> {
+    let src_place = Place::of(source).map_err(|e| Error::io(source, e))?;
+    let (base, _) = existing_prefix(replica);
+    let dst_place = Place::of(base).map_err(|e| Error::io(base, e))?;
+    if replica_exists && dst_place.is_same(&src_place) {
         return Err(bad(format!(
             "source {} and replica {} are the same directory ({}); nothing to do",
             src.display(),
@@ -83,25 +104,34 @@ pub fn resolve_roots(src: &Path, dst: &Path) -> Result<Roots> {
             source.display()
         )));
     }
-    if replica.starts_with(&source) {
+    if dst_place.is_within(&src_place) {
         return Err(bad(format!(
-            "replica {} is inside source {}; it would copy itself; choose a replica outside the source",
-            replica.display(),
-            source.display()
-        )));
-    }
-    if source.starts_with(&replica) {
-        return Err(bad(format!(
-            "source {} is inside replica {}; mirroring would delete the source; choose a replica outside it",
+            "replica {} is inside source {}{}; it would copy itself; choose a replica outside the \
+             source",
+            dst.display(),
             source.display(),
-            replica.display()
+            through_mount(replica, source)
         )));
     }
-    Ok(Roots {
-        source,
-        replica,
-        replica_exists,
-    })
+    if replica_exists && src_place.is_within(&dst_place) {
+        return Err(bad(format!(
+            "source {} is inside replica {}{}; mirroring would delete the source; choose a \
+             replica outside it",
+            src.display(),
+            replica.display(),
+            through_mount(source, replica)
+        )));
+    }
+    Ok(())
+}
+
+/// Says how `inner` can be inside `outer` when their canonical paths do not show it.
+fn through_mount(inner: &Path, outer: &Path) -> &'static str {
+    if inner.starts_with(outer) {
+        ""
+    } else {
+        " (a mount shows the same directories at another path)"
+    }
 }
 
 /// The canonical form of a path that does not exist yet: its deepest existing ancestor,
@@ -157,24 +187,77 @@ pub fn absolute_file(path: &Path) -> Result<PathBuf> {
     Ok(canonical_missing(dir)?.join(name))
 }
 
-/// Refuses a file (index, log) that would live inside one of the trees.
-pub fn check_outside(file: &Path, roots: &Roots, what: &str) -> Result<()> {
-    for (root, name) in [(&roots.source, "source"), (&roots.replica, "replica")] {
-        if file.starts_with(root) {
+/// Symlinks followed to find a file before giving up, as the kernel's limit.
+const MAX_LINKS: usize = 40;
+
+/// Where a file path given by the user really leads: every symlink followed, also one whose
+/// target does not exist yet (it would be created there). The result is canonical up to its
+/// last name, which is not a symlink.
+pub fn resolve_file(given: &Path) -> Result<PathBuf> {
+    let mut path = given.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        match std::fs::symlink_metadata(&path) {
+            Ok(md) if md.file_type().is_symlink() => {
+                let target = std::fs::read_link(&path).map_err(|e| Error::io(&path, e))?;
+                let dir = path.parent().unwrap_or(Path::new(""));
+                // An absolute target replaces the whole path.
+                path = dir.join(target);
+            }
+            Ok(_) => return absolute_file(&path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return absolute_file(&path),
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+    }
+    Err(bad(format!(
+        "{} leads through more than {MAX_LINKS} symlinks; give the file's real path",
+        given.display()
+    )))
+}
+
+/// Resolves a file given for the index or the log (see [`resolve_file`]) and refuses it
+/// inside either tree, however it is reached (see [`Place`]). Returns the resolved path, which
+/// is the one to open, so that what was checked is what is used.
+pub fn file_outside(given: &Path, roots: &Roots, what: &str) -> Result<PathBuf> {
+    let file = resolve_file(given)?;
+    let dir = file.parent().unwrap_or(Path::new("/"));
+    let (base, missing) = existing_prefix(dir);
+    let place = Place::of(base).map_err(|e| Error::io(base, e))?;
+    for (root, exists, name) in [
+        (&roots.source, true, "source"),
+        (&roots.replica, roots.replica_exists, "replica"),
+    ] {
+        let inside = if exists {
+            place.is_within(&Place::of(root).map_err(|e| Error::io(root, e))?)
+        } else {
+            // Nothing below a missing replica exists: the file is inside it when both paths
+            // leave the same directory by the same missing names.
+            let (root_base, root_missing) = existing_prefix(root);
+            let root_place = Place::of(root_base).map_err(|e| Error::io(root_base, e))?;
+            place.is_same(&root_place) && missing.starts_with(&root_missing)
+        };
+        if inside {
+            let resolved = if file.as_path() == given {
+                String::new()
+            } else {
+                format!(" (which leads to {})", file.display())
+            };
             return Err(bad(format!(
-                "the {what} {} is inside the {name} {}; it would be synced along with the tree; put it elsewhere",
-                file.display(),
+                "the {what} {}{resolved} is inside the {name} {}; it would be synced along with \
+                 the tree; put it elsewhere",
+                given.display(),
                 root.display()
             )));
         }
     }
-    Ok(())
+    Ok(file)
 }
 
 /// Where the index of a replica lives by default: the user's state directory, one file per
 /// canonical replica path.
 pub fn default_index(replica: &Path) -> Result<PathBuf> {
-    let base = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+    // The XDG base directory specification: a relative path in the variable is ignored.
+    let xdg = std::env::var_os("XDG_STATE_HOME").filter(|v| Path::new(v).is_absolute());
+    let base = match xdg {
         Some(d) => PathBuf::from(d),
         None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
             Some(h) => PathBuf::from(h).join(".local/state"),

@@ -45,8 +45,8 @@ pub enum Error {
     NotAnIndex { path: PathBuf },
 
     #[error(
-        "the index {path} was made for source {recorded}, not {given}; pass --index to use \
-         another index for this pair, or --reindex to start this one over"
+        "the index {path} was made for replica {recorded}, not {given}; pass another --index \
+         for this replica, or --reindex to start this index over for it"
     )]
     IndexMismatch {
         path: PathBuf,

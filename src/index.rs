@@ -2,7 +2,9 @@
 //!
 //! Schema (version [`SCHEMA`]), all keys and values are bytes:
 //! - `meta`: `"schema"` -> u32 little endian; `"source"` and `"replica"` -> the canonical root
-//!   paths the index was made for.
+//!   paths the index was made for. The index belongs to its replica: another replica is
+//!   refused; another source clears the `source` table only ([`Index::adopt_source`]). An index
+//!   without a `"replica"` row (written before it was checked) is taken as the given replica's.
 //! - `source`: relative path -> postcard [`Entry`]: the source tree as last scanned, a cache of
 //!   hashes keyed by stat fingerprint.
 //! - `replica`: relative path -> postcard [`Entry`]: what the replica holds, as last written or
@@ -229,6 +231,7 @@ impl Index {
                     path: path.to_path_buf(),
                 };
                 index.init(roots, reindex)?;
+                index.adopt_source_unguarded(roots.source)?;
                 Ok(index)
             })
         };
@@ -242,10 +245,14 @@ impl Index {
         }
     }
 
+    /// Checks what the file holds against the roots and, for a new file or with `reset`, makes
+    /// it an empty index of these roots. An index in use is only read here unless its replica
+    /// was never recorded (then it is recorded now): opening it writes nothing, so a full disk
+    /// under the index does not stop a sync before it starts.
     fn init(&self, roots: &Roots, reset: bool) -> Result<()> {
         let p = &self.path;
         let tx = self.db.begin_write().map_err(|e| ierr(p, e))?;
-        let fresh = {
+        let (fresh, replica_known) = {
             let meta = tx.open_table(META).map_err(|e| ierr(p, e))?;
             let schema = meta.get("schema").map_err(|e| ierr(p, e))?;
             let fresh = schema.is_none();
@@ -271,23 +278,14 @@ impl Index {
                     ));
                 }
             }
-            let source = roots.source.as_os_str().as_encoded_bytes();
+            let recorded = meta.get("replica").map_err(|e| ierr(p, e))?;
+            let recorded = recorded.map(|v| v.value().to_vec());
             if !fresh && !reset {
-                let recorded = meta.get("source").map_err(|e| ierr(p, e))?;
-                let recorded = recorded.map(|v| v.value().to_vec()).unwrap_or_default();
-                if recorded != source {
-                    return Err(Error::IndexMismatch {
-                        path: p.clone(),
-                        recorded: String::from_utf8_lossy(&recorded).into_owned(),
-                        given: roots.source.display().to_string(),
-                    });
-                }
+                check_replica(p, recorded.as_deref(), roots.replica)?;
             }
-            fresh
+            (fresh, recorded.is_some())
         };
-        // An index in use is only read here: opening it writes nothing, so a full disk under
-        // the index does not stop a sync before it starts.
-        if !fresh && !reset {
+        if !fresh && !reset && replica_known {
             tx.abort().map_err(|e| ierr(p, e))?;
             return Ok(());
         }
@@ -298,18 +296,57 @@ impl Index {
         }
         {
             let mut meta = tx.open_table(META).map_err(|e| ierr(p, e))?;
-            let replica = roots.replica.as_os_str().as_encoded_bytes();
-            let source = roots.source.as_os_str().as_encoded_bytes();
-            let ins = |m: &mut redb::Table<&str, &[u8]>, k: &str, v: &[u8]| {
-                m.insert(k, v).map(|_| ()).map_err(|e| ierr(p, e))
-            };
-            ins(&mut meta, "schema", &SCHEMA.to_le_bytes())?;
-            ins(&mut meta, "source", source)?;
-            ins(&mut meta, "replica", replica)?;
+            let mut ins = |k: &str, v: &[u8]| meta.insert(k, v).map(|_| ()).map_err(|e| ierr(p, e));
+            ins("schema", &SCHEMA.to_le_bytes())?;
+            ins("replica", roots.replica.as_os_str().as_encoded_bytes())?;
+            // An index in use keeps its recorded source: `adopt_source` compares it.
+            if fresh || reset {
+                ins("source", roots.source.as_os_str().as_encoded_bytes())?;
+            }
         }
         tx.open_table(SOURCE).map_err(|e| ierr(p, e))?;
         tx.open_table(REPLICA).map_err(|e| ierr(p, e))?;
         tx.commit().map_err(|e| ierr(p, e))?;
+        Ok(())
+    }
+
+    /// Makes `source` the source this index mirrors. The index belongs to its replica: when the
+    /// source differs from the recorded one (a `current -> r1` link moved to `r2`), only the
+    /// `source` table, a hash cache of the old source, is cleared; the `replica` table still
+    /// describes the replica and is kept. Writes nothing when the source is unchanged.
+    pub fn adopt_source(&self, source: &Path) -> Result<()> {
+        guarded(&self.path, || self.adopt_source_unguarded(source))
+    }
+
+    fn adopt_source_unguarded(&self, source: &Path) -> Result<()> {
+        let p = &self.path;
+        let given = source.as_os_str().as_encoded_bytes();
+        let recorded = {
+            let tx = self.db.begin_read().map_err(|e| ierr(p, e))?;
+            let meta = tx.open_table(META).map_err(|e| ierr(p, e))?;
+            let v = meta.get("source").map_err(|e| ierr(p, e))?;
+            v.map(|v| v.value().to_vec())
+        };
+        if recorded.as_deref() == Some(given) {
+            return Ok(());
+        }
+        let mut tx = self.db.begin_write().map_err(|e| ierr(p, e))?;
+        tx.set_durability(Durability::Immediate)
+            .map_err(|e| ierr(p, e))?;
+        tx.delete_table(SOURCE).map_err(|e| ierr(p, e))?;
+        tx.open_table(SOURCE).map_err(|e| ierr(p, e))?;
+        {
+            let mut meta = tx.open_table(META).map_err(|e| ierr(p, e))?;
+            meta.insert("source", given).map_err(|e| ierr(p, e))?;
+        }
+        tx.commit().map_err(|e| ierr(p, e))?;
+        log::info!(
+            "source changed from {} to {}; its hash cache was reset (the index {} keeps what it \
+             knows of the replica)",
+            String::from_utf8_lossy(recorded.as_deref().unwrap_or_default()),
+            source.display(),
+            p.display()
+        );
         Ok(())
     }
 
@@ -332,6 +369,7 @@ impl Index {
             Ok(Snapshot {
                 path: self.path.clone(),
                 tx: Some(tx),
+                source_cached: true,
             })
         })
     }
@@ -459,8 +497,23 @@ fn load_from(path: &Path, tx: &ReadTransaction, table: Table) -> Result<Vec<(Rel
     Ok(out)
 }
 
-/// Checks a read-only index's schema and source, as `Index::init` does for a writer.
-fn check_read_only(path: &Path, db: &redb::ReadOnlyDatabase, roots: &Roots) -> Result<()> {
+/// Refuses an index recorded for another replica. An index from before replicas were checked
+/// has none recorded, and is taken as this replica's.
+fn check_replica(path: &Path, recorded: Option<&[u8]>, replica: &Path) -> Result<()> {
+    match recorded {
+        Some(r) if r != replica.as_os_str().as_encoded_bytes() => Err(Error::IndexMismatch {
+            path: path.to_path_buf(),
+            recorded: String::from_utf8_lossy(r).into_owned(),
+            given: replica.display().to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a read-only index's schema and replica, as `Index::init` does for a writer. Returns
+/// whether its `source` table is a hash cache of this source (a sync would clear it, see
+/// [`Index::adopt_source`]).
+fn check_read_only(path: &Path, db: &redb::ReadOnlyDatabase, roots: &Roots) -> Result<bool> {
     let tx = db.begin_read().map_err(|e| ierr(path, e))?;
     let meta = match tx.open_table(META) {
         Ok(m) => m,
@@ -471,7 +524,7 @@ fn check_read_only(path: &Path, db: &redb::ReadOnlyDatabase, roots: &Roots) -> R
                     path: path.to_path_buf(),
                 });
             }
-            return Ok(());
+            return Ok(true);
         }
         Err(e) => return Err(ierr(path, e)),
     };
@@ -479,16 +532,10 @@ fn check_read_only(path: &Path, db: &redb::ReadOnlyDatabase, roots: &Roots) -> R
     if schema.map(|v| v.value().to_vec()) != Some(SCHEMA.to_le_bytes().to_vec()) {
         return Err(damaged(path, "it was written with another index schema"));
     }
+    let replica = meta.get("replica").map_err(|e| ierr(path, e))?;
+    check_replica(path, replica.as_ref().map(|v| v.value()), roots.replica)?;
     let source = meta.get("source").map_err(|e| ierr(path, e))?;
-    let recorded = source.map(|v| v.value().to_vec()).unwrap_or_default();
-    if recorded != roots.source.as_os_str().as_encoded_bytes() {
-        return Err(Error::IndexMismatch {
-            path: path.to_path_buf(),
-            recorded: String::from_utf8_lossy(&recorded).into_owned(),
-            given: roots.source.display().to_string(),
-        });
-    }
-    Ok(())
+    Ok(source.is_some_and(|v| v.value() == roots.source.as_os_str().as_encoded_bytes()))
 }
 
 /// A read-only view of an index, for commands that must not write (`status`). A missing index
@@ -496,6 +543,8 @@ fn check_read_only(path: &Path, db: &redb::ReadOnlyDatabase, roots: &Roots) -> R
 pub struct ReadIndex {
     path: PathBuf,
     db: Option<redb::ReadOnlyDatabase>,
+    /// False when the index was made with another source: its `source` table is not read.
+    source_cached: bool,
 }
 
 impl ReadIndex {
@@ -508,10 +557,7 @@ impl ReadIndex {
             Err(e) => return Err(Error::io(path, e)),
         };
         if empty {
-            return Ok(ReadIndex {
-                path: path.to_path_buf(),
-                db: None,
-            });
+            return Ok(ReadIndex::empty(path));
         }
         guarded(path, || {
             let db = builder().open_read_only(path).map_err(|e| match e {
@@ -520,12 +566,22 @@ impl ReadIndex {
                 }
                 other => ierr(path, other),
             })?;
-            check_read_only(path, &db, roots)?;
+            let source_cached = check_read_only(path, &db, roots)?;
             Ok(ReadIndex {
                 path: path.to_path_buf(),
                 db: Some(db),
+                source_cached,
             })
         })
+    }
+
+    /// An index with nothing recorded, without reading `path` (`sync --dry-run --reindex`).
+    pub fn empty(path: &Path) -> ReadIndex {
+        ReadIndex {
+            path: path.to_path_buf(),
+            db: None,
+            source_cached: true,
+        }
     }
 
     /// See [`Index::snapshot`]; a missing index has nothing recorded.
@@ -539,6 +595,7 @@ impl ReadIndex {
         Ok(Snapshot {
             path: self.path.clone(),
             tx,
+            source_cached: self.source_cached,
         })
     }
 }
@@ -547,6 +604,8 @@ impl ReadIndex {
 pub struct Snapshot {
     path: PathBuf,
     tx: Option<ReadTransaction>,
+    /// False when the `source` table belongs to another source and reads as empty.
+    source_cached: bool,
 }
 
 type Records = redb::Range<'static, &'static [u8], &'static [u8]>;
@@ -556,6 +615,9 @@ impl Snapshot {
         let Some(tx) = &self.tx else {
             return Ok(None);
         };
+        if table == Table::Source && !self.source_cached {
+            return Ok(None);
+        }
         guarded(&self.path, || {
             let tbl = match tx.open_table(table.def()) {
                 Ok(t) => t,
@@ -660,5 +722,87 @@ impl Cursor {
             passed(p, e);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diff::tests::{file, p};
+
+    fn roots<'a>(source: &'a Path, replica: &'a Path) -> Roots<'a> {
+        Roots { source, replica }
+    }
+
+    /// An index of `/s` -> `/r` with one record in each table.
+    fn made(path: &Path) -> Index {
+        let index = Index::open(path, &roots(Path::new("/s"), Path::new("/r")), false).unwrap();
+        index
+            .commit(&[
+                Update::Put(Table::Source, p("a"), file("a", 1)),
+                Update::Put(Table::Replica, p("a"), file("a", 1)),
+            ])
+            .unwrap();
+        index
+    }
+
+    fn meta_row(index: &Index, key: &str) -> Option<Vec<u8>> {
+        let tx = index.db.begin_read().unwrap();
+        let meta = tx.open_table(META).unwrap();
+        meta.get(key).unwrap().map(|v| v.value().to_vec())
+    }
+
+    #[test]
+    fn another_source_resets_only_the_source_table() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("i.redb");
+        drop(made(&path));
+        let r = roots(Path::new("/s2"), Path::new("/r"));
+        // A reader ignores the old source's cache and writes nothing.
+        let read = ReadIndex::open(&path, &r).unwrap().snapshot().unwrap();
+        assert!(read.records(Table::Source).unwrap().is_none());
+        assert!(read.records(Table::Replica).unwrap().is_some());
+        drop(read);
+        let index = Index::open(&path, &r, false).unwrap();
+        assert!(index.load(Table::Source).unwrap().is_empty());
+        assert_eq!(index.load(Table::Replica).unwrap().len(), 1);
+        assert_eq!(meta_row(&index, "source").as_deref(), Some(&b"/s2"[..]));
+    }
+
+    #[test]
+    fn another_replica_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("i.redb");
+        drop(made(&path));
+        let r = roots(Path::new("/s"), Path::new("/r2"));
+        let refused = |e: Error| matches!(e, Error::IndexMismatch { .. });
+        assert!(refused(Index::open(&path, &r, false).err().unwrap()));
+        assert!(refused(ReadIndex::open(&path, &r).err().unwrap()));
+        let index = Index::open(&path, &r, true).unwrap();
+        assert!(index.load(Table::Replica).unwrap().is_empty());
+        assert_eq!(meta_row(&index, "replica").as_deref(), Some(&b"/r2"[..]));
+    }
+
+    #[test]
+    fn an_index_without_a_recorded_replica_takes_the_given_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("i.redb");
+        let index = made(&path);
+        let tx = index.db.begin_write().unwrap();
+        tx.open_table(META).unwrap().remove("replica").unwrap();
+        tx.commit().unwrap();
+        drop(index);
+        let r = roots(Path::new("/s"), Path::new("/elsewhere"));
+        ReadIndex::open(&path, &r).unwrap();
+        let index = Index::open(&path, &r, false).unwrap();
+        assert_eq!(index.load(Table::Replica).unwrap().len(), 1);
+        assert_eq!(index.load(Table::Source).unwrap().len(), 1);
+        assert_eq!(
+            meta_row(&index, "replica").as_deref(),
+            Some(&b"/elsewhere"[..])
+        );
+        drop(index);
+        let other = roots(Path::new("/s"), Path::new("/r"));
+        assert!(Index::open(&path, &other, false).is_err());
     }
 }

@@ -3,7 +3,7 @@
 //! Layering, bottom up (a module uses only modules below it):
 //! - [`entry`], [`error`], [`hash`]: the data model, errors, hashing.
 //! - [`index`] (the only user of redb), [`scan`] (walks a tree), [`replica`] (the only writer to
-//!   the destination).
+//!   the destination), [`nesting`] (whether one directory is inside another).
 //! - [`diff`] and [`plan`]: pure functions from two trees to an ordered list of operations.
 //! - [`merge`]: scans both trees at once in bounded memory, keeping what may differ.
 //! - [`apply`] runs a plan; [`oplog`] logs it.
@@ -19,6 +19,7 @@ pub mod error;
 pub mod hash;
 pub mod index;
 pub mod merge;
+pub mod nesting;
 pub mod oplog;
 pub mod plan;
 pub mod replica;

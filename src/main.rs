@@ -90,12 +90,22 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
         Command::Status { json, .. } => {
             let report = sync::status(&cfg)?;
             print_problems(&report);
-            Ok(show_plan(&report, *json, quiet))
+            let code = show_plan(&report, *json, quiet);
+            // `status` informs; only a sync (or its dry run) is refused.
+            if let Some(msg) = &report.refused {
+                say!("dirsync: a sync would be refused: {msg}");
+            }
+            Ok(code)
         }
         Command::Sync { dry_run: true, .. } => {
             let report = sync::status(&cfg)?;
             print_problems(&report);
-            Ok(show_plan(&report, false, quiet))
+            let code = show_plan(&report, false, quiet);
+            // The dry run ends as the real run would: refused by the same guard rail.
+            match report.refused {
+                Some(msg) => Err(Error::Refused { msg }),
+                None => Ok(code),
+            }
         }
         Command::Sync { .. } => {
             let mut session = Session::open(&cfg)?;

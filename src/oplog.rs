@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -23,9 +24,12 @@ impl OpLog {
         let file = match path {
             None => None,
             Some(p) => Some(
+                // The path was resolved and checked (`config::file_outside`): a symlink put in
+                // its place since then is not followed.
                 OpenOptions::new()
                     .create(true)
                     .append(true)
+                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
                     .open(p)
                     .map_err(|e| Error::io(p, e))?,
             ),

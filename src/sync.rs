@@ -38,6 +38,9 @@ pub struct Report {
     pub files_hashed: u64,
     pub bytes_hashed: u64,
     pub elapsed: Duration,
+    /// Why a sync would refuse to apply this plan (a guard rail); set by [`status`] only, as
+    /// `sync` returns the refusal as its error.
+    pub refused: Option<String>,
 }
 
 impl Report {
@@ -229,17 +232,26 @@ fn describe_problems(report: &mut Report, s: &Scanned) {
     report.bytes_hashed = s.src.hashed_bytes + s.dst.hashed_bytes;
 }
 
-/// `status` and `sync --dry-run`: what a sync would do, without writing anything anywhere.
+/// `status` and `sync --dry-run`: what a sync would do, and whether its guard rails would
+/// refuse it, without writing anything anywhere. With `cfg.reindex` the index is not read at
+/// all: the plan is the one a `sync --reindex` would make.
 pub fn status(cfg: &Config) -> Result<Report> {
     let start = Instant::now();
     let roots = Roots {
         source: &cfg.roots.source,
         replica: &cfg.roots.replica,
     };
-    let snapshot = ReadIndex::open(&cfg.index, &roots)?.snapshot()?;
+    let index = if cfg.reindex {
+        ReadIndex::empty(&cfg.index)
+    } else {
+        ReadIndex::open(&cfg.index, &roots)?
+    };
+    let snapshot = index.snapshot()?;
     let (mut s, _) = scan_both(cfg, &snapshot)?;
+    let plan = make_plan(cfg, &mut s, &snapshot)?;
     let mut report = Report {
-        plan: make_plan(cfg, &mut s, &snapshot)?,
+        refused: guard_rails(cfg, &s, &plan),
+        plan,
         ..Report::default()
     };
     describe_problems(&mut report, &s);
@@ -292,7 +304,9 @@ impl Session {
         // The plan holds what it needs of the replica tree.
         s.dst.entries = Vec::new();
         log::debug!("planned in {:?}", start.elapsed());
-        guard_rails(cfg, &s, &plan)?;
+        if let Some(msg) = guard_rails(cfg, &s, &plan) {
+            return Err(Error::Refused { msg });
+        }
 
         let mut rec = Recorder::new(Some(&self.index));
         for u in learned {
@@ -379,30 +393,28 @@ impl Session {
     }
 }
 
-fn guard_rails(cfg: &Config, s: &Scanned, plan: &Plan) -> Result<()> {
+/// Why the guard rails refuse to apply `plan`, if they do: a source that looks unmounted, or
+/// more deletions than `--max-delete`.
+fn guard_rails(cfg: &Config, s: &Scanned, plan: &Plan) -> Option<String> {
     let src_empty = s.src_seen <= 1 && s.src.unknown.is_empty();
     let dst_files = s.dst_seen.saturating_sub(1);
     if (src_empty || s.src_seen == 0) && dst_files > 0 && !cfg.allow_empty_source {
-        return Err(Error::Refused {
-            msg: format!(
-                "source {} is empty but replica {} holds {dst_files} entries; refusing to delete them all \
-                 (an unmounted disk looks like this); pass --allow-empty-source if this is intended",
-                cfg.roots.source.display(),
-                cfg.roots.replica.display()
-            ),
-        });
+        return Some(format!(
+            "source {} is empty but replica {} holds {dst_files} entries; refusing to delete them all \
+             (an unmounted disk looks like this); pass --allow-empty-source if this is intended",
+            cfg.roots.source.display(),
+            cfg.roots.replica.display()
+        ));
     }
     if let Some(max) = cfg.max_delete {
         let n = plan.removals();
         if n > max {
-            return Err(Error::Refused {
-                msg: format!(
-                    "this sync would delete {n} entries from replica {}, more than --max-delete {max}; \
-                     nothing was changed; check the source, or raise the limit",
-                    cfg.roots.replica.display()
-                ),
-            });
+            return Some(format!(
+                "this sync would delete {n} entries from replica {}, more than --max-delete {max}; \
+                 nothing was changed; check the source, or raise the limit",
+                cfg.roots.replica.display()
+            ));
         }
     }
-    Ok(())
+    None
 }
