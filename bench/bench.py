@@ -41,7 +41,7 @@ SEED = 42
 KiB = 1 << 10
 MiB = 1 << 20
 MAX_SMALL_FILE = 16 * KiB
-ALL_TOOLS = ["dirsync", "rsync", "rclone", "cp", "find"]
+ALL_TOOLS = ["dirsync", "dirsync-base", "rsync", "rclone", "cp", "find"]
 ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7"]
 ROOT_MARKER = ".dirsync-bench-root"
 # Base mtimes of generated entries lie in [T_BASE_LO, T_BASE_HI); mutations use later,
@@ -70,13 +70,13 @@ SCALES = {
 }
 
 WORKLOAD_TOOLS = {
-    "W1": ["dirsync", "rsync", "rclone", "cp"],
-    "W2": ["dirsync", "rsync", "rclone", "find"],
-    "W3": ["dirsync", "rsync", "rclone", "find"],
-    "W4": ["dirsync", "rsync", "rclone", "cp"],
-    "W5": ["dirsync", "rsync", "rclone", "find"],
-    "W6": ["dirsync", "rsync", "rclone", "find"],
-    "W7": ["dirsync", "rsync", "rclone", "find"],
+    "W1": ["dirsync", "dirsync-base", "rsync", "rclone", "cp"],
+    "W2": ["dirsync", "dirsync-base", "rsync", "rclone", "find"],
+    "W3": ["dirsync", "dirsync-base", "rsync", "rclone", "find"],
+    "W4": ["dirsync", "dirsync-base", "rsync", "rclone", "cp"],
+    "W5": ["dirsync", "dirsync-base", "rsync", "rclone", "find"],
+    "W6": ["dirsync", "dirsync-base", "rsync", "rclone", "find"],
+    "W7": ["dirsync", "dirsync-base", "rsync", "rclone", "find"],
 }
 
 
@@ -689,6 +689,12 @@ class Bench:
                 if exe:
                     self.tools[t] = exe
                 continue
+            if t == "dirsync-base":
+                # Another dirsync binary (an earlier commit), timed side by side with this one.
+                if not self.args.baseline or not os.access(self.args.baseline, os.X_OK):
+                    sys.exit("tool dirsync-base needs --baseline PATH, an executable dirsync")
+                self.tools[t] = str(Path(self.args.baseline).resolve())
+                continue
             exe = shutil.which(t)
             if exe is None:
                 self.notes.append(f"`{t}` not found on PATH: skipped "
@@ -722,7 +728,7 @@ class Bench:
     # -- commands --
     def cmd(self, tool: str, src: Path, dst: Path, idx: Path) -> list[str]:
         exe = self.tools[tool]
-        if tool == "dirsync":
+        if tool in ("dirsync", "dirsync-base"):
             return [exe, "sync", "-q", "--index", str(idx), str(src), str(dst)]
         if tool == "rsync":
             return [exe, "-a", "--delete", f"{src}/", f"{dst}/"]
@@ -903,7 +909,7 @@ class Bench:
                     fail = "wrong replica: " + "; ".join(diff)
             if fail:
                 rec.ok, rec.note = False, fail
-            if tool == "dirsync":
+            if tool.startswith("dirsync"):
                 rec.index_bytes = self._index_bytes(state)
             row.runs.append(rec)
             log(f"  {wid} {tool} run {r + 1}: {res.wall:.3f}s rss {res.rss_kib / 1024:.1f} MiB"
@@ -955,7 +961,7 @@ class Bench:
                     fail = "wrong replica: " + "; ".join(diff)
             if fail:
                 rec.ok, rec.note = False, fail
-            if tool == "dirsync":
+            if tool.startswith("dirsync"):
                 rec.index_bytes = self._index_bytes(state)
             row.runs.append(rec)
             log(f"  {wid}{'' if row.size is None else f'@{row.size}'} {tool} run {r + 1}: "
@@ -1303,6 +1309,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tools", default=",".join(ALL_TOOLS))
     ap.add_argument("--workloads", default=",".join(ALL_WORKLOADS))
+    ap.add_argument("--baseline", help="a second dirsync binary, timed as tool dirsync-base")
     ap.add_argument("--dirsync", help="dirsync binary (default: cargo build --release, target/release/dirsync)")
     ap.add_argument("--out", help="also write the markdown report to this file")
     ap.add_argument("--json", help="write raw per-run results as JSON to this file")
