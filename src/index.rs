@@ -5,6 +5,8 @@
 //!   paths the index was made for. The index belongs to its replica: another replica is
 //!   refused; another source clears the `source` table only ([`Index::adopt_source`]). An index
 //!   without a `"replica"` row (written before it was checked) is taken as the given replica's.
+//!   [`FS_TRAITS`] -> what the replica's filesystem keeps (timestamp grain, case), probed by the
+//!   first sync; an index without it gets it then.
 //! - `source`: relative path -> postcard [`Entry`]: the source tree as last scanned, a cache of
 //!   hashes keyed by stat fingerprint.
 //! - `replica`: relative path -> postcard [`Entry`]: what the replica holds, as last written or
@@ -303,6 +305,10 @@ impl Index {
             if fresh || reset {
                 ins("source", roots.source.as_os_str().as_encoded_bytes())?;
             }
+            // A rebuilt index probes the replica's filesystem again (it may be another one now).
+            if reset {
+                meta.remove(FS_TRAITS).map_err(|e| ierr(p, e))?;
+            }
         }
         tx.open_table(SOURCE).map_err(|e| ierr(p, e))?;
         tx.open_table(REPLICA).map_err(|e| ierr(p, e))?;
@@ -352,6 +358,29 @@ impl Index {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What the `meta` table holds under `key` (see [`FS_TRAITS`]).
+    pub fn meta_value(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        guarded(&self.path, || {
+            let tx = self.db.begin_read().map_err(|e| ierr(&self.path, e))?;
+            read_meta(&self.path, &tx, key)
+        })
+    }
+
+    /// Records `value` under `key` in the `meta` table, durably.
+    pub fn set_meta_value(&self, key: &str, value: &[u8]) -> Result<()> {
+        let p = &self.path;
+        guarded(p, || {
+            let mut tx = self.db.begin_write().map_err(|e| ierr(p, e))?;
+            tx.set_durability(Durability::Immediate)
+                .map_err(|e| ierr(p, e))?;
+            tx.open_table(META)
+                .map_err(|e| ierr(p, e))?
+                .insert(key, value)
+                .map_err(|e| ierr(p, e))?;
+            tx.commit().map_err(|e| ierr(p, e))
+        })
     }
 
     /// Reads one recorded tree, in canonical order.
@@ -499,6 +528,20 @@ fn load_from(path: &Path, tx: &ReadTransaction, table: Table) -> Result<Vec<(Rel
 
 /// Refuses an index recorded for another replica. An index from before replicas were checked
 /// has none recorded, and is taken as this replica's.
+/// The `meta` key under which what the replica's filesystem keeps is recorded (the encoding of
+/// `replica::probe::FsTraits`), once, the first time a sync writes to the replica.
+pub const FS_TRAITS: &str = "replica_fs";
+
+fn read_meta(path: &Path, tx: &ReadTransaction, key: &str) -> Result<Option<Vec<u8>>> {
+    let meta = match tx.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(damaged(path, e)),
+    };
+    let v = meta.get(key).map_err(|e| ierr(path, e))?;
+    Ok(v.map(|v| v.value().to_vec()))
+}
+
 fn check_replica(path: &Path, recorded: Option<&[u8]>, replica: &Path) -> Result<()> {
     match recorded {
         Some(r) if r != replica.as_os_str().as_encoded_bytes() => Err(Error::IndexMismatch {
@@ -582,6 +625,15 @@ impl ReadIndex {
             db: None,
             source_cached: true,
         }
+    }
+
+    /// See [`Index::meta_value`]; a missing index has nothing recorded.
+    pub fn meta_value(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let Some(db) = &self.db else { return Ok(None) };
+        guarded(&self.path, || {
+            let tx = db.begin_read().map_err(|e| ierr(&self.path, e))?;
+            read_meta(&self.path, &tx, key)
+        })
     }
 
     /// See [`Index::snapshot`]; a missing index has nothing recorded.

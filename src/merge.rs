@@ -23,6 +23,7 @@ use crate::entry::{Content, Entry, Hash, RelPath};
 use crate::error::Result;
 use crate::index::{Cursor, Snapshot, Table};
 use crate::plan::TMP_PREFIX;
+use crate::replica::probe::FsTraits;
 use crate::scan::{self, Tree};
 
 /// Entries per message from a walking thread.
@@ -159,17 +160,24 @@ fn prefix(h: &Hash) -> u32 {
 }
 
 /// Scans `source` and `replica` (a missing replica is empty) and merges them with the tables of
-/// `snapshot`.
-pub fn scan(source: &Path, replica: &Path, snapshot: &Snapshot, owners: bool) -> Result<Merged> {
+/// `snapshot`. `fs` is what the replica's filesystem keeps: source times are compared as it
+/// would keep them, and a replica entry is racily clean for at least its timestamp grain.
+pub fn scan(
+    source: &Path,
+    replica: &Path,
+    snapshot: &Snapshot,
+    owners: bool,
+    fs: FsTraits,
+) -> Result<Merged> {
     let src_cursor = snapshot.cursor(Table::Source)?;
     let dst_cursor = snapshot.cursor(Table::Replica)?;
     let (src_tx, src_rx) = sync_channel(DEPTH);
     let (dst_tx, dst_rx) = sync_channel(DEPTH);
     let dst_present = replica.exists();
     std::thread::scope(|s| {
-        let src = s.spawn(move || walk_side(source, scan::Side::Source, src_cursor, src_tx));
+        let src = s.spawn(move || walk_side(source, scan::Side::Source, src_cursor, src_tx, fs));
         let dst = s.spawn(move || match dst_present {
-            true => walk_side(replica, scan::Side::Replica, dst_cursor, dst_tx),
+            true => walk_side(replica, scan::Side::Replica, dst_cursor, dst_tx, fs),
             false => missing_side(dst_cursor),
         });
         let mut merged = join(Stream::new(src_rx), Stream::new(dst_rx), owners);
@@ -195,6 +203,7 @@ fn walk_side(
     side: scan::Side,
     mut cursor: Cursor,
     tx: SyncSender<Batch>,
+    fs: FsTraits,
 ) -> Result<(Tree, Vec<(RelPath, Entry)>)> {
     let mut stale = Vec::new();
     let mut failed = None;
@@ -203,9 +212,18 @@ fn walk_side(
         if failed.is_some() {
             return;
         }
+        if side == scan::Side::Source {
+            e.meta.mtime = fs.keep(e.meta.mtime);
+        }
         match cursor.seek(&path, &mut |p, rec| stale.push((p, rec))) {
             Ok(Some(rec)) => {
-                let window = w.for_entry(&e);
+                let window = match side {
+                    scan::Side::Source => w.for_entry(&e),
+                    // A change within one grain of the recorded stamp leaves the stamp as it was.
+                    scan::Side::Replica => w
+                        .for_entry(&e)
+                        .max(i128::from(fs.mtime_grain_ns) + crate::entry::RACY_WINDOW_FINE_NS),
+                };
                 if !scan::reuse_cached(&mut e, &rec, window) {
                     stale.push((path.clone(), rec));
                 }

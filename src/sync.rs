@@ -19,11 +19,12 @@ use crate::diff::{Change, diff};
 use crate::entry::{Hash, RelPath, shown};
 use crate::error::{Error, Result};
 use crate::hash::fill_tree_hashes;
-use crate::index::{Index, ReadIndex, Roots, Snapshot, Table, Update};
+use crate::index::{FS_TRAITS, Index, ReadIndex, Roots, Snapshot, Table, Update};
 use crate::merge;
 use crate::oplog::OpLog;
 use crate::plan::{Code, Draft, Plan, plan_with};
 use crate::replica::local::LocalReplica;
+use crate::replica::probe::{self, FsTraits};
 use crate::scan::{self, Side, Tree};
 
 /// What one pass found and did.
@@ -114,11 +115,11 @@ struct Scanned {
 
 /// Scans both trees (see [`merge::scan`]), then hashes what must be hashed. Returns the kept
 /// parts of the trees and what the index should learn from the scan.
-fn scan_both(cfg: &Config, snapshot: &Snapshot) -> Result<(Scanned, Vec<Update>)> {
+fn scan_both(cfg: &Config, snapshot: &Snapshot, fs: FsTraits) -> Result<(Scanned, Vec<Update>)> {
     let roots = &cfg.roots;
     let t = Instant::now();
     let merge::Merged { src, dst, contents } =
-        merge::scan(&roots.source, &roots.replica, snapshot, cfg.owners)?;
+        merge::scan(&roots.source, &roots.replica, snapshot, cfg.owners, fs)?;
     let (mut src_tree, mut dst_tree) = (src.tree, dst.tree);
     let src_moved = scan::reuse_by_inode(&mut src_tree, &src.stale);
     let dst_moved = scan::reuse_by_inode(&mut dst_tree, &dst.stale);
@@ -247,7 +248,8 @@ pub fn status(cfg: &Config) -> Result<Report> {
         ReadIndex::open(&cfg.index, &roots)?
     };
     let snapshot = index.snapshot()?;
-    let (mut s, _) = scan_both(cfg, &snapshot)?;
+    let fs = recorded_fs(index.meta_value(FS_TRAITS)?);
+    let (mut s, _) = scan_both(cfg, &snapshot, fs)?;
     let plan = make_plan(cfg, &mut s, &snapshot)?;
     let mut report = Report {
         refused: guard_rails(cfg, &s, &plan),
@@ -257,6 +259,14 @@ pub fn status(cfg: &Config) -> Result<Report> {
     describe_problems(&mut report, &s);
     report.elapsed = start.elapsed();
     Ok(report)
+}
+
+/// What the index recorded of the replica's filesystem; what most filesystems keep when it
+/// recorded nothing (or something unreadable, which the next sync probes again).
+fn recorded_fs(value: Option<Vec<u8>>) -> FsTraits {
+    value
+        .and_then(|v| FsTraits::from_bytes(&v))
+        .unwrap_or_default()
 }
 
 /// A replica opened for syncing: holds the index (and with it the single-writer lock).
@@ -286,6 +296,34 @@ impl Session {
         self.log.error(msg);
     }
 
+    /// What the replica's filesystem keeps: probed the first time and recorded in the index. The
+    /// probe leaves the root's times as they were, so it is not a change.
+    fn replica_fs(&self) -> Result<FsTraits> {
+        if let Some(fs) = self
+            .index
+            .meta_value(FS_TRAITS)?
+            .and_then(|v| FsTraits::from_bytes(&v))
+        {
+            return Ok(fs);
+        }
+        let root = &self.cfg.roots.replica;
+        let dir = std::fs::File::open(root).map_err(|e| Error::io(root, e))?;
+        let fs = probe::probe_keeping_times(std::os::fd::AsFd::as_fd(&dir));
+        if fs != FsTraits::default() {
+            log::info!(
+                "the replica's filesystem keeps times to {} ns{}; compared at that precision",
+                fs.mtime_grain_ns,
+                if fs.case_insensitive {
+                    " and does not tell names apart by case"
+                } else {
+                    ""
+                }
+            );
+        }
+        self.index.set_meta_value(FS_TRAITS, &fs.to_bytes())?;
+        Ok(fs)
+    }
+
     /// One full pass: after it, the replica mirrors the source as scanned, except for the paths
     /// reported as errors.
     pub fn sync(&mut self, stop: &AtomicBool) -> Result<Report> {
@@ -295,8 +333,9 @@ impl Session {
         if !replica_root.exists() {
             std::fs::create_dir_all(replica_root).map_err(|e| Error::io(replica_root, e))?;
         }
+        let fs = self.replica_fs()?;
         let snapshot = self.index.snapshot()?;
-        let (mut s, learned) = scan_both(cfg, &snapshot)?;
+        let (mut s, learned) = scan_both(cfg, &snapshot, fs)?;
         log::debug!("scanned in {:?}", start.elapsed());
         let plan = make_plan(cfg, &mut s, &snapshot)?;
         // Pages the snapshot still sees cannot be reused by the commits below.

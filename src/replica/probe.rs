@@ -128,9 +128,67 @@ pub fn probe(dir: BorrowedFd<'_>) -> FsTraits {
     }
 }
 
+/// A name as a case-insensitive filesystem compares it: lowercased where it is UTF-8 (its
+/// invalid bytes as they are).
+fn folded(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len());
+    for chunk in name.utf8_chunks() {
+        out.extend(chunk.valid().to_lowercase().as_bytes());
+        out.extend(chunk.invalid());
+    }
+    out
+}
+
+/// The positions of the names in one directory listing that another name of it equals but for
+/// case: on a case-insensitive replica they would all land on one node, so none of them can be
+/// replicated faithfully.
+pub fn case_collisions(names: &[&[u8]]) -> Vec<usize> {
+    let mut by_fold: std::collections::HashMap<Vec<u8>, Vec<usize>> =
+        std::collections::HashMap::new();
+    for (i, n) in names.iter().enumerate() {
+        by_fold.entry(folded(n)).or_default().push(i);
+    }
+    let mut out: Vec<usize> = by_fold
+        .into_values()
+        .filter(|v| v.len() > 1)
+        .flatten()
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// [`probe`], then gives `dir` back the access and modification times it had: the temporary file
+/// changed them, and a directory's mtime is replicated.
+pub fn probe_keeping_times(dir: BorrowedFd<'_>) -> FsTraits {
+    let before = rfs::fstat(dir);
+    let traits = probe(dir);
+    if let Ok(st) = before {
+        let times = Timestamps {
+            last_access: Timespec {
+                tv_sec: st.st_atime,
+                tv_nsec: st.st_atime_nsec as _,
+            },
+            last_modification: Timespec {
+                tv_sec: st.st_mtime,
+                tv_nsec: st.st_mtime_nsec as _,
+            },
+        };
+        let _ = rfs::futimens(dir, &times);
+    }
+    traits
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_equal_but_for_case_collide_all_of_them() {
+        let names: [&[u8]; 6] = [b"A.txt", b"b", b"a.TXT", b"\xc3\x84", b"\xc3\xa4", b"a.txt"];
+        assert_eq!(case_collisions(&names), [0, 2, 3, 4, 5]);
+        let names: [&[u8]; 3] = [b"a", b"b", b"\xff"];
+        assert!(case_collisions(&names).is_empty());
+    }
 
     fn t(sec: i64, nsec: u32) -> Time {
         Time { sec, nsec }
@@ -179,7 +237,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fd = std::fs::File::open(dir.path()).unwrap();
         use std::os::fd::AsFd;
-        let traits = probe(fd.as_fd());
+        let before = std::fs::metadata(dir.path()).unwrap().modified().unwrap();
+        let traits = probe_keeping_times(fd.as_fd());
+        let after = std::fs::metadata(dir.path()).unwrap().modified().unwrap();
+        assert_eq!(before, after, "the probe changed the directory's mtime");
         assert_eq!(traits.mtime_grain_ns, 1);
         assert!(!traits.case_insensitive);
         assert_eq!(
