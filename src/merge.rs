@@ -16,14 +16,13 @@
 //! same on both sides, so the diff's subtree skip stays correct on them.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use crate::entry::{Content, Entry, Hash, RelPath};
 use crate::error::Result;
 use crate::index::{Cursor, Snapshot, Table};
 use crate::plan::TMP_PREFIX;
-use crate::scan::{self, Tree};
+use crate::scan::{self, Root, Tree};
 
 /// Entries per message from a walking thread.
 const BATCH: usize = 512;
@@ -158,19 +157,23 @@ fn prefix(h: &Hash) -> u32 {
     u32::from_le_bytes([h[0], h[1], h[2], h[3]])
 }
 
-/// Scans `source` and `replica` (a missing replica is empty) and merges them with the tables of
-/// `snapshot`.
-pub fn scan(source: &Path, replica: &Path, snapshot: &Snapshot, owners: bool) -> Result<Merged> {
+/// Scans beneath the held roots `source` and `replica` (`None`: a replica that does not exist
+/// yet, which is empty) and merges them with the tables of `snapshot`.
+pub fn scan(
+    source: Root,
+    replica: Option<Root>,
+    snapshot: &Snapshot,
+    owners: bool,
+) -> Result<Merged> {
     let src_cursor = snapshot.cursor(Table::Source)?;
     let dst_cursor = snapshot.cursor(Table::Replica)?;
     let (src_tx, src_rx) = sync_channel(DEPTH);
     let (dst_tx, dst_rx) = sync_channel(DEPTH);
-    let dst_present = replica.exists();
     std::thread::scope(|s| {
         let src = s.spawn(move || walk_side(source, scan::Side::Source, src_cursor, src_tx));
-        let dst = s.spawn(move || match dst_present {
-            true => walk_side(replica, scan::Side::Replica, dst_cursor, dst_tx),
-            false => missing_side(dst_cursor),
+        let dst = s.spawn(move || match replica {
+            Some(root) => walk_side(root, scan::Side::Replica, dst_cursor, dst_tx),
+            None => missing_side(dst_cursor),
         });
         let mut merged = join(Stream::new(src_rx), Stream::new(dst_rx), owners);
         let (src_tree, src_stale) = src.join().expect("the source walk does not panic")?;
@@ -191,7 +194,7 @@ type Batch = Vec<(RelPath, Entry)>;
 /// Walks one tree, reusing recorded hashes whose fingerprint still matches, and sends the
 /// entries in batches. Returns what else the walk found and the stale records.
 fn walk_side(
-    root: &Path,
+    root: Root,
     side: scan::Side,
     mut cursor: Cursor,
     tx: SyncSender<Batch>,
