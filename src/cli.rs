@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use dirsync::config::{self, Config};
 use dirsync::error::Result;
+use dirsync::watch::MIN_INTERVAL;
 
 /// Keep a replica directory an exact, up-to-date copy of a source directory.
 ///
@@ -56,7 +57,7 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
         /// Time between the starts of two passes, e.g. 500ms, 2s, 1m.
-        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "1s", value_parser = interval)]
         interval: Duration,
         /// Sync even when SRC is empty and the replica is not.
         #[arg(long)]
@@ -109,6 +110,18 @@ impl Command {
     }
 }
 
+/// Parses `--interval`: a duration of at least [`MIN_INTERVAL`], so that a watch never spins.
+fn interval(text: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < MIN_INTERVAL {
+        return Err(format!(
+            "interval {text} is too short; use at least {} (e.g. 500ms, 2s)",
+            humantime::format_duration(MIN_INTERVAL)
+        ));
+    }
+    Ok(d)
+}
+
 /// Validates the arguments into a [`Config`]; nothing is written here.
 pub fn config(cmd: &Command) -> Result<Config> {
     let c = cmd.common();
@@ -157,5 +170,18 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn intervals_below_the_minimum_are_refused() {
+        for short in ["0", "1ns", "99ms"] {
+            let e = interval(short).unwrap_err();
+            assert!(
+                e.contains("too short") && e.contains("at least 100ms"),
+                "{e}"
+            );
+        }
+        assert_eq!(interval("100ms"), Ok(MIN_INTERVAL));
+        assert!(interval("soon").is_err());
     }
 }

@@ -13,6 +13,8 @@ use crate::nesting::{Place, existing_prefix};
 #[derive(Clone, Debug)]
 pub struct Roots {
     pub source: PathBuf,
+    /// SRC as given (made absolute, symlinks kept): `watch` resolves it again at each pass.
+    pub source_arg: PathBuf,
     pub replica: PathBuf,
     /// False when the replica directory does not exist yet (`sync` creates it).
     pub replica_exists: bool,
@@ -79,6 +81,7 @@ pub fn resolve_roots(src: &Path, dst: &Path) -> Result<Roots> {
     check_apart(src, dst, &source, &replica, replica_exists)?;
     Ok(Roots {
         source,
+        source_arg: std::path::absolute(src).map_err(|e| Error::io(src, e))?,
         replica,
         replica_exists,
     })

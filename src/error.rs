@@ -27,6 +27,13 @@ pub enum Error {
     IndexLocked { path: PathBuf },
 
     #[error(
+        "the replica {path} is in use by another dirsync process (it holds the replica's lock, \
+         whatever index it uses); wait for it to finish or stop it (a `dirsync watch` keeps it \
+         until Ctrl-C)"
+    )]
+    ReplicaLocked { path: PathBuf },
+
+    #[error(
         "the index {path} cannot be read ({why}); rebuild it from the two trees with \
          `dirsync sync --reindex SRC DST`, or delete the file"
     )]

@@ -16,7 +16,6 @@
 //! same on both sides, so the diff's subtree skip stays correct on them.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use crate::entry::{Content, Entry, Hash, RelPath};
@@ -24,7 +23,7 @@ use crate::error::Result;
 use crate::index::{Cursor, Snapshot, Table};
 use crate::plan::TMP_PREFIX;
 use crate::replica::probe::FsTraits;
-use crate::scan::{self, Tree};
+use crate::scan::{self, Root, Tree};
 
 /// Entries per message from a walking thread.
 const BATCH: usize = 512;
@@ -159,12 +158,13 @@ fn prefix(h: &Hash) -> u32 {
     u32::from_le_bytes([h[0], h[1], h[2], h[3]])
 }
 
-/// Scans `source` and `replica` (a missing replica is empty) and merges them with the tables of
-/// `snapshot`. `fs` is what the replica's filesystem keeps: source times are compared as it
-/// would keep them, and a replica entry is racily clean for at least its timestamp grain.
+/// Scans beneath the held roots `source` and `replica` (`None`: a replica that does not exist
+/// yet, which is empty) and merges them with the tables of `snapshot`. `fs` is what the
+/// replica's filesystem keeps: source times are compared as it would keep them, and a replica
+/// entry is racily clean for at least its timestamp grain.
 pub fn scan(
-    source: &Path,
-    replica: &Path,
+    source: Root,
+    replica: Option<Root>,
     snapshot: &Snapshot,
     owners: bool,
     fs: FsTraits,
@@ -173,12 +173,11 @@ pub fn scan(
     let dst_cursor = snapshot.cursor(Table::Replica)?;
     let (src_tx, src_rx) = sync_channel(DEPTH);
     let (dst_tx, dst_rx) = sync_channel(DEPTH);
-    let dst_present = replica.exists();
     std::thread::scope(|s| {
         let src = s.spawn(move || walk_side(source, scan::Side::Source, src_cursor, src_tx, fs));
-        let dst = s.spawn(move || match dst_present {
-            true => walk_side(replica, scan::Side::Replica, dst_cursor, dst_tx, fs),
-            false => missing_side(dst_cursor),
+        let dst = s.spawn(move || match replica {
+            Some(root) => walk_side(root, scan::Side::Replica, dst_cursor, dst_tx, fs),
+            None => missing_side(dst_cursor),
         });
         let mut merged = join(Stream::new(src_rx), Stream::new(dst_rx), owners);
         let (src_tree, src_stale) = src.join().expect("the source walk does not panic")?;
@@ -199,7 +198,7 @@ type Batch = Vec<(RelPath, Entry)>;
 /// Walks one tree, reusing recorded hashes whose fingerprint still matches, and sends the
 /// entries in batches. Returns what else the walk found and the stale records.
 fn walk_side(
-    root: &Path,
+    root: Root,
     side: scan::Side,
     mut cursor: Cursor,
     tx: SyncSender<Batch>,

@@ -15,7 +15,8 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry as Slot;
 use std::fs::{File, Metadata};
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -82,9 +83,48 @@ impl Tree {
     }
 }
 
+/// A tree's root, held open by the caller. The walk and the hasher resolve every path beneath
+/// `fd` and never through `path` again, so a root that is renamed or replaced by a symlink
+/// meanwhile is not followed; `path` only names the tree in messages.
+#[derive(Clone, Copy, Debug)]
+pub struct Root<'a> {
+    pub path: &'a Path,
+    pub fd: BorrowedFd<'a>,
+}
+
+/// Opens a directory to hold it as a [`Root`] (following symlinks: `path` is canonical).
+pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    rfs::open(path, flags, Mode::empty()).map_err(io_err)
+}
+
 /// Stats every node below `root` without reading file contents. Entries come out in canonical
 /// order (no sort needed) with every content hash unknown, except for empty files.
 pub fn walk(root: &Path, side: Side) -> Tree {
+    match open_dir(root) {
+        Ok(fd) => walk_in(
+            Root {
+                path: root,
+                fd: fd.as_fd(),
+            },
+            side,
+        ),
+        Err(e) => {
+            let mut tree = Tree::default();
+            if e.kind() != io::ErrorKind::NotFound {
+                tree.problems.push(Problem {
+                    path: root.to_path_buf(),
+                    error: e,
+                });
+                tree.unknown.push(RelPath::root());
+            }
+            tree
+        }
+    }
+}
+
+/// [`walk`] beneath a held root.
+pub fn walk_in(root: Root, side: Side) -> Tree {
     let mut entries = Vec::new();
     let mut tree = walk_with(root, side, &mut |_, path, e| entries.push((path, e)));
     debug_assert!(entries.windows(2).all(|p| p[0].0 < p[1].0));
@@ -95,21 +135,24 @@ pub fn walk(root: &Path, side: Side) -> Tree {
 /// The same walk, handing each entry to `sink` (with the racy windows of the tree) as soon as
 /// it is known instead of keeping it: memory stays bounded by the depth of the tree and the
 /// width of one directory. The returned tree has no entries, only what else the walk found.
-pub fn walk_with(root: &Path, side: Side, sink: &mut dyn FnMut(&Windows, RelPath, Entry)) -> Tree {
+pub fn walk_with(root: Root, side: Side, sink: &mut dyn FnMut(&Windows, RelPath, Entry)) -> Tree {
     let mut w = Walker {
         tree: Tree::default(),
         side,
-        root,
+        root: root.path,
         seen: Time::now(),
         leaders: HashMap::new(),
         sink,
     };
+    // `.` beneath the held descriptor: the same directory, with a listing position of its own.
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    match rfs::open(root, flags, Mode::empty()).and_then(|fd| rfs::fstat(&fd).map(|st| (fd, st))) {
+    match rfs::openat(root.fd, ".", flags, Mode::empty())
+        .and_then(|fd| rfs::fstat(&fd).map(|st| (fd, st)))
+    {
         Ok((fd, st)) => {
             w.tree.windows = Windows {
                 root_dev: st.st_dev,
-                root_ns: racy_window(&fd),
+                root_ns: racy_window(fd.as_fd()),
             };
             w.push(RelPath::root(), Content::Dir { tree: None }, &st, None);
             w.dir(fd, &RelPath::root());
@@ -121,7 +164,7 @@ pub fn walk_with(root: &Path, side: Side, sink: &mut dyn FnMut(&Windows, RelPath
 
 /// The racy window for entries on the filesystem of `dir`: fine only where timestamps are known
 /// to have nanosecond fields driven by the kernel clock.
-fn racy_window(dir: &OwnedFd) -> i128 {
+fn racy_window(dir: BorrowedFd) -> i128 {
     use linux_magic::*;
     match rfs::fstatfs(dir).map(|s| s.f_type as u32) {
         Ok(TMPFS | EXT4 | BTRFS | XFS) => crate::entry::RACY_WINDOW_FINE_NS,
@@ -361,16 +404,36 @@ fn io_err(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
 }
 
-/// Hashes the files at `which` (indexes into `tree.entries`) in parallel. A file that vanished
-/// is dropped from the tree; one that cannot be read becomes unknown. Returns the entries that
-/// got a hash, for the index.
+/// Hashes the files at `which` (indexes into `tree.entries`) in parallel, opening each beneath
+/// the held root without following a symlink anywhere on the way. A file that vanished is
+/// dropped from the tree; one that cannot be read becomes unknown. Returns the entries that got
+/// a hash, for the index.
+pub fn hash_files_in(root: Root, tree: &mut Tree, which: &[usize]) -> Vec<(RelPath, Entry)> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let open = |rel: &RelPath| open_beneath(root.fd, rel, flags).map(File::from);
+    hash_with(root.path, tree, which, &open)
+}
+
+/// [`hash_files_in`] for a tree known by its path only: each file is opened by its full path
+/// (without following a symlink at the last component).
 pub fn hash_files(root: &Path, tree: &mut Tree, which: &[usize]) -> Vec<(RelPath, Entry)> {
+    hash_with(root, tree, which, &|rel| open_nofollow(&rel.to_path(root)))
+}
+
+type Opener<'a> = dyn Fn(&RelPath) -> io::Result<File> + Sync + 'a;
+
+fn hash_with(
+    root: &Path,
+    tree: &mut Tree,
+    which: &[usize],
+    open: &Opener,
+) -> Vec<(RelPath, Entry)> {
     let mut fresh = Vec::new();
     let results: Vec<(usize, HashResult)> = which
         .par_iter()
         .map(|&i| {
             let (path, e) = &tree.entries[i];
-            (i, hash_one(&path.to_path(root), e))
+            (i, hash_one(open(path), e))
         })
         .collect();
     let mut drop_idx = Vec::new();
@@ -417,8 +480,8 @@ type HashResult = io::Result<Option<(Entry, u64)>>;
 
 /// Reads one file and returns its entry with the hash filled in, or `None` if it vanished or
 /// stopped being a regular file.
-fn hash_one(path: &Path, old: &Entry) -> HashResult {
-    let file = match open_nofollow(path) {
+fn hash_one(opened: io::Result<File>, old: &Entry) -> HashResult {
+    let file = match opened {
         Ok(f) => f,
         Err(e) if vanished(&e) => return Ok(None),
         Err(e) => return Err(e),
@@ -443,6 +506,35 @@ fn hash_one(path: &Path, old: &Entry) -> HashResult {
         link: old.link.clone(),
     };
     Ok(Some((e, n)))
+}
+
+/// Opens `rel` beneath the directory `dir` with `flags`, following no symlink on the way
+/// (`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, or one `openat(O_NOFOLLOW)` per component
+/// on kernels without it). A symlink met anywhere fails with `ELOOP`.
+pub fn open_beneath(dir: BorrowedFd, rel: &RelPath, flags: OFlags) -> io::Result<OwnedFd> {
+    use rustix::fs::ResolveFlags;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    match rfs::openat2(dir, rel.as_os_str(), flags, Mode::empty(), resolve) {
+        Err(rustix::io::Errno::NOSYS) => {}
+        other => return other.map_err(io_err),
+    }
+    let mut parts = rel.as_bytes().split(|&b| b == b'/').peekable();
+    let mut cur: Option<OwnedFd> = None;
+    let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    while let Some(part) = parts.next() {
+        let last = parts.peek().is_none();
+        let at = cur.as_ref().map_or(dir, |fd| fd.as_fd());
+        let name = std::ffi::OsStr::from_bytes(part);
+        let fd = rfs::openat(
+            at,
+            name,
+            if last { flags } else { dir_flags },
+            Mode::empty(),
+        )
+        .map_err(io_err)?;
+        cur = Some(fd);
+    }
+    cur.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the root itself"))
 }
 
 /// Opens a regular file for reading without following a symlink and without blocking on a FIFO
@@ -509,6 +601,61 @@ pub fn fingerprint(md: &Metadata) -> Fingerprint {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_held_root_is_walked_and_hashed_after_its_path_becomes_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path();
+        let (dst, victim) = (base.join("dst"), base.join("victim"));
+        std::fs::create_dir_all(dst.join("d")).unwrap();
+        std::fs::write(dst.join("d/f"), b"mine").unwrap();
+        std::fs::write(dst.join("g"), b"mine").unwrap();
+        std::fs::create_dir_all(victim.join("d")).unwrap();
+        std::fs::write(victim.join("d/f"), b"else").unwrap();
+        std::fs::write(victim.join("g"), b"else").unwrap();
+        std::fs::write(victim.join("h"), b"else").unwrap();
+        let fd = open_dir(&dst).unwrap();
+        std::fs::rename(&dst, base.join("dst.old")).unwrap();
+        std::os::unix::fs::symlink(&victim, &dst).unwrap();
+        let root = Root {
+            path: &dst,
+            fd: fd.as_fd(),
+        };
+        let paths =
+            |t: &Tree| -> Vec<String> { t.entries.iter().map(|(p, _)| p.to_string()).collect() };
+        for _ in 0..2 {
+            // Each walk lists the held directory from its start.
+            let mut tree = walk_in(root, Side::Replica);
+            assert_eq!(paths(&tree), [".", "d", "d/f", "g"]);
+            let all: Vec<usize> = tree.unhashed().collect();
+            hash_files_in(root, &mut tree, &all);
+            let mine = *blake3::hash(b"mine").as_bytes();
+            assert_eq!(
+                tree.get(&RelPath::from_bytes(b"d/f").unwrap())
+                    .unwrap()
+                    .file_hash(),
+                Some(mine)
+            );
+            assert_eq!(
+                tree.get(&RelPath::from_bytes(b"g").unwrap())
+                    .unwrap()
+                    .file_hash(),
+                Some(mine)
+            );
+        }
+        // A directory inside the held root that became a symlink is not followed either.
+        let old = base.join("dst.old");
+        let mut tree = walk_in(root, Side::Replica);
+        std::fs::rename(old.join("d"), old.join("d.moved")).unwrap();
+        std::os::unix::fs::symlink(victim.join("d"), old.join("d")).unwrap();
+        let all: Vec<usize> = tree.unhashed().collect();
+        hash_files_in(root, &mut tree, &all);
+        assert_eq!(
+            paths(&tree),
+            [".", "d", "g"],
+            "d/f is gone, not read through the link"
+        );
+    }
 
     /// Names built from the bytes that sort around '/' (0x2f): '-' '.' '0' and 'a', plus one
     /// byte that is not UTF-8.

@@ -10,6 +10,8 @@
 //! 4. Record what the scans learned, apply the plan, record each finished operation.
 
 use std::collections::HashSet;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
@@ -25,7 +27,8 @@ use crate::oplog::OpLog;
 use crate::plan::{Code, Draft, Plan, plan_with};
 use crate::replica::local::LocalReplica;
 use crate::replica::probe::{self, FsTraits};
-use crate::scan::{self, Side, Tree};
+use crate::replica::root::ReplicaRoot;
+use crate::scan::{self, Root, Side, Tree};
 
 /// What one pass found and did.
 #[derive(Debug, Default)]
@@ -47,6 +50,15 @@ pub struct Report {
 impl Report {
     pub fn error_count(&self) -> usize {
         self.scan_errors.len() + self.outcome.errors.len()
+    }
+
+    /// True for a pass that found nothing to do and had nothing to report.
+    pub fn is_idle(&self) -> bool {
+        self.plan.ops.is_empty()
+            && self.plan.items.is_empty()
+            && self.error_count() == 0
+            && !self.outcome.interrupted
+            && !self.outcome.halted()
     }
 
     /// The one-line summary printed after a sync and logged: what was done, not what was
@@ -113,13 +125,18 @@ struct Scanned {
     dst_stale: HashSet<RelPath>,
 }
 
-/// Scans both trees (see [`merge::scan`]), then hashes what must be hashed. Returns the kept
-/// parts of the trees and what the index should learn from the scan.
-fn scan_both(cfg: &Config, snapshot: &Snapshot, fs: FsTraits) -> Result<(Scanned, Vec<Update>)> {
-    let roots = &cfg.roots;
+/// Scans both trees beneath their held roots (see [`merge::scan`]; `None`: the replica does not
+/// exist yet), then hashes what must be hashed. Returns the kept parts of the trees and what
+/// the index should learn from the scan. `fs` is what the replica's filesystem keeps.
+fn scan_both(
+    cfg: &Config,
+    snapshot: &Snapshot,
+    (source, replica): (Root, Option<Root>),
+    fs: FsTraits,
+) -> Result<(Scanned, Vec<Update>)> {
     let t = Instant::now();
     let merge::Merged { src, dst, contents } =
-        merge::scan(&roots.source, &roots.replica, snapshot, cfg.owners, fs)?;
+        merge::scan(source, replica, snapshot, cfg.owners, fs)?;
     let (mut src_tree, mut dst_tree) = (src.tree, dst.tree);
     let src_moved = scan::reuse_by_inode(&mut src_tree, &src.stale);
     let dst_moved = scan::reuse_by_inode(&mut dst_tree, &dst.stale);
@@ -133,8 +150,11 @@ fn scan_both(cfg: &Config, snapshot: &Snapshot, fs: FsTraits) -> Result<(Scanned
     };
     let src_need = need(&src_tree, &dst.sizes);
     let dst_need = need(&dst_tree, &src.sizes);
-    let src_fresh = scan::hash_files(&roots.source, &mut src_tree, &src_need);
-    let dst_fresh = scan::hash_files(&roots.replica, &mut dst_tree, &dst_need);
+    let src_fresh = scan::hash_files_in(source, &mut src_tree, &src_need);
+    let dst_fresh = match replica {
+        Some(root) => scan::hash_files_in(root, &mut dst_tree, &dst_need),
+        None => Vec::new(),
+    };
     let dst_stale = dst.stale.iter().map(|(p, _)| p.clone()).collect();
     let mut learned = Vec::new();
     for (table, tree, stale, fresh) in [
@@ -249,7 +269,14 @@ pub fn status(cfg: &Config) -> Result<Report> {
     };
     let snapshot = index.snapshot()?;
     let fs = recorded_fs(index.meta_value(FS_TRAITS)?);
-    let (mut s, _) = scan_both(cfg, &snapshot, fs)?;
+    let source = open_source(&cfg.roots.source)?;
+    // Read-only: the replica is held for the scan, not locked.
+    let replica = ReplicaRoot::open(&cfg.roots.replica).map_err(|e| Error::io(roots.replica, e))?;
+    let roots = (
+        source_root(cfg, source.as_fd()),
+        replica.as_ref().map(replica_root),
+    );
+    let (mut s, _) = scan_both(cfg, &snapshot, roots, fs)?;
     let plan = make_plan(cfg, &mut s, &snapshot)?;
     let mut report = Report {
         refused: guard_rails(cfg, &s, &plan),
@@ -270,25 +297,124 @@ fn recorded_fs(value: Option<Vec<u8>>) -> FsTraits {
 }
 
 /// A replica opened for syncing: holds the index (and with it the single-writer lock).
+
+/// Opens the source root to hold it for one pass.
+fn open_source(path: &Path) -> Result<OwnedFd> {
+    scan::open_dir(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::BadInput {
+            msg: format!(
+                "source {} does not exist; check the path (is the disk mounted?)",
+                path.display()
+            ),
+        },
+        _ => Error::io(path, e),
+    })
+}
+
+fn source_root<'a>(cfg: &'a Config, fd: BorrowedFd<'a>) -> Root<'a> {
+    Root {
+        path: &cfg.roots.source,
+        fd,
+    }
+}
+
+fn replica_root(root: &ReplicaRoot) -> Root<'_> {
+    Root {
+        path: root.path(),
+        fd: root.fd(),
+    }
+}
+
+/// Takes the replica's lock on its held root, or says who has it.
+fn lock(root: &ReplicaRoot) -> Result<()> {
+    match root.try_lock() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::ReplicaLocked {
+            path: root.path().to_path_buf(),
+        }),
+        // Some filesystems (NFS) refuse `flock` on a directory; the index lock still holds.
+        Err(e) => {
+            log::info!("cannot lock replica {}: {e}", root.path().display());
+            Ok(())
+        }
+    }
+}
+
+/// A replica opened for syncing: holds its root directory (every pass works beneath it) and
+/// the replica's lock, and the index (with the index's single-writer lock).
 pub struct Session {
     cfg: Config,
+    /// `None` until the replica exists (a sync creates it).
+    root: Option<ReplicaRoot>,
     index: Index,
     log: OpLog,
+    /// Whether a pass that did nothing writes a summary line to the log.
+    log_idle: bool,
 }
 
 impl Session {
+    /// Takes the replica (when it exists: a sync creates it otherwise) and opens the index.
+    /// Fails at once if another process holds either.
     pub fn open(cfg: &Config) -> Result<Session> {
+        let path = &cfg.roots.replica;
+        let root = ReplicaRoot::open(path).map_err(|e| Error::io(path, e))?;
+        if let Some(root) = &root {
+            lock(root)?;
+        }
+        Self::open_index(cfg, root, OpLog::open(cfg.log_file.as_deref())?)
+    }
+
+    fn open_index(cfg: &Config, root: Option<ReplicaRoot>, log: OpLog) -> Result<Session> {
         let roots = Roots {
             source: &cfg.roots.source,
             replica: &cfg.roots.replica,
         };
         let index = Index::open(&cfg.index, &roots, cfg.reindex)?;
-        let log = OpLog::open(cfg.log_file.as_deref())?;
         Ok(Session {
             cfg: cfg.clone(),
+            root,
             index,
             log,
+            log_idle: true,
         })
+    }
+
+    /// The same session for another source (a source link that now points elsewhere): the
+    /// index is opened again for `cfg`, the replica stays held and locked.
+    pub fn with_source(self, cfg: &Config) -> Result<Session> {
+        let Session {
+            root,
+            index,
+            log,
+            log_idle,
+            ..
+        } = self;
+        // The index allows one writer: this one goes before it is opened again.
+        drop(index);
+        let mut session = Self::open_index(cfg, root, log)?;
+        session.log_idle = log_idle;
+        Ok(session)
+    }
+
+    /// Whether a pass that did nothing writes its summary line to the log (`watch` says no).
+    pub fn log_idle_passes(&mut self, yes: bool) {
+        self.log_idle = yes;
+    }
+
+    /// The replica root this session holds, once the replica exists.
+    pub fn replica(&self) -> Option<&ReplicaRoot> {
+        self.root.as_ref()
+    }
+
+    /// Creates the replica root if it does not exist yet, then holds and locks it.
+    pub fn hold_replica(&mut self) -> Result<&ReplicaRoot> {
+        if self.root.is_none() {
+            let path = &self.cfg.roots.replica;
+            let root = ReplicaRoot::create(path).map_err(|e| Error::io(path, e))?;
+            lock(&root)?;
+            self.root = Some(root);
+        }
+        Ok(self.root.as_ref().expect("just set"))
     }
 
     /// Writes an error line to the operation log.
@@ -298,7 +424,7 @@ impl Session {
 
     /// What the replica's filesystem keeps: probed the first time and recorded in the index. The
     /// probe leaves the root's times as they were, so it is not a change.
-    fn replica_fs(&self) -> Result<FsTraits> {
+    fn replica_fs(&self, held: &ReplicaRoot) -> Result<FsTraits> {
         if let Some(fs) = self
             .index
             .meta_value(FS_TRAITS)?
@@ -306,9 +432,7 @@ impl Session {
         {
             return Ok(fs);
         }
-        let root = &self.cfg.roots.replica;
-        let dir = std::fs::File::open(root).map_err(|e| Error::io(root, e))?;
-        let fs = probe::probe_keeping_times(std::os::fd::AsFd::as_fd(&dir));
+        let fs = probe::probe_keeping_times(held.fd());
         if fs != FsTraits::default() {
             log::info!(
                 "the replica's filesystem keeps times to {} ns{}; compared at that precision",
@@ -327,15 +451,21 @@ impl Session {
     /// One full pass: after it, the replica mirrors the source as scanned, except for the paths
     /// reported as errors.
     pub fn sync(&mut self, stop: &AtomicBool) -> Result<Report> {
+        let source = open_source(&self.cfg.roots.source)?;
+        self.sync_from(source.as_fd(), stop)
+    }
+
+    /// [`Session::sync`] from the source root `source`, held by the caller (the directory
+    /// `cfg.roots.source` named when the caller checked it).
+    pub fn sync_from(&mut self, source: BorrowedFd, stop: &AtomicBool) -> Result<Report> {
         let start = Instant::now();
+        self.hold_replica()?;
         let cfg = &self.cfg;
-        let replica_root = &cfg.roots.replica;
-        if !replica_root.exists() {
-            std::fs::create_dir_all(replica_root).map_err(|e| Error::io(replica_root, e))?;
-        }
-        let fs = self.replica_fs()?;
+        let held = self.root.as_ref().expect("held above");
+        let fs = self.replica_fs(held)?;
         let snapshot = self.index.snapshot()?;
-        let (mut s, learned) = scan_both(cfg, &snapshot, fs)?;
+        let roots = (source_root(cfg, source), Some(replica_root(held)));
+        let (mut s, learned) = scan_both(cfg, &snapshot, roots, fs)?;
         log::debug!("scanned in {:?}", start.elapsed());
         let plan = make_plan(cfg, &mut s, &snapshot)?;
         // Pages the snapshot still sees cannot be reused by the commits below.
@@ -352,8 +482,8 @@ impl Session {
             rec.push(u);
         }
         log::debug!("scan recorded in {:?}", start.elapsed());
-        let replica =
-            LocalReplica::open(replica_root, cfg.owners).map_err(|e| Error::io(replica_root, e))?;
+        let fd = held.try_clone().map_err(|e| Error::io(held.path(), e))?;
+        let replica = LocalReplica::with_root(fd, cfg.owners);
         let outcome = apply(
             &plan,
             &replica,
@@ -372,7 +502,9 @@ impl Session {
             self.log.error(e);
         }
         report.elapsed = start.elapsed();
-        self.log.summary(&report.summary());
+        if self.log_idle || !report.is_idle() {
+            self.log.summary(&report.summary());
+        }
         Ok(report)
     }
 }
@@ -396,11 +528,13 @@ impl Session {
     /// finds bit rot and edits that kept size and mtime. With `repair`, the bad files are
     /// forgotten and a sync copies them again from the source.
     pub fn verify(&mut self, repair: bool, stop: &AtomicBool) -> Result<Verified> {
-        let root = self.cfg.roots.replica.clone();
         let recorded = self.index.load(Table::Replica)?;
-        let mut tree = scan::walk(&root, Side::Replica);
-        let all: Vec<usize> = tree.unhashed().collect();
-        scan::hash_files(&root, &mut tree, &all);
+        let mut tree = Tree::default();
+        if let Some(root) = &self.root {
+            tree = scan::walk_in(replica_root(root), Side::Replica);
+            let all: Vec<usize> = tree.unhashed().collect();
+            scan::hash_files_in(replica_root(root), &mut tree, &all);
+        }
         let mut out = Verified {
             files_checked: tree.hashed_files,
             bytes_checked: tree.hashed_bytes,
@@ -432,12 +566,18 @@ impl Session {
     }
 }
 
-/// Why the guard rails refuse to apply `plan`, if they do: a source that looks unmounted, or
-/// more deletions than `--max-delete`.
 fn guard_rails(cfg: &Config, s: &Scanned, plan: &Plan) -> Option<String> {
+    // A source root that vanished while it was opened is not an empty source, whatever the
+    // flags. (One that cannot be read is unknown: nothing below it is touched.)
+    if s.src_seen == 0 && s.src.unknown.is_empty() {
+        return Some(format!(
+            "source {} cannot be read (gone while it was scanned?); nothing was changed",
+            cfg.roots.source.display()
+        ));
+    }
     let src_empty = s.src_seen <= 1 && s.src.unknown.is_empty();
     let dst_files = s.dst_seen.saturating_sub(1);
-    if (src_empty || s.src_seen == 0) && dst_files > 0 && !cfg.allow_empty_source {
+    if src_empty && dst_files > 0 && !cfg.allow_empty_source {
         return Some(format!(
             "source {} is empty but replica {} holds {dst_files} entries; refusing to delete them all \
              (an unmounted disk looks like this); pass --allow-empty-source if this is intended",

@@ -1408,9 +1408,10 @@ fn watch_replicates_changes_and_stops_cleanly_on_sigterm() {
         summaries_before >= 1,
         "the first pass wrote no summary line:\n{text}"
     );
+    // The idle passes after it write none (the file may have taken two passes to settle).
     assert!(
-        summaries_after >= 2,
-        "expected a summary for the pass that added the file and for the idle passes after it:\n{text}"
+        (1..=2).contains(&summaries_after),
+        "expected a summary for the pass that added the file and none for the idle passes after it:\n{text}"
     );
 }
 

@@ -2,6 +2,8 @@
 //! descriptor of the replica root with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, and
 //! acts on the last component with `*at` calls that do not follow symlinks. A symlink planted
 //! anywhere in the replica therefore makes the operation fail; it never redirects it outside.
+//! The root descriptor is the one the command holds ([`super::root::ReplicaRoot`]), so a
+//! replica path renamed or replaced by a symlink meanwhile is not followed either.
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
@@ -125,8 +127,14 @@ impl LocalReplica {
             Mode::empty(),
         )
         .map_err(io_err)?;
-        Ok(LocalReplica {
-            root: fd,
+        Ok(Self::with_root(fd, owners))
+    }
+
+    /// A replica beneath the held root directory `root`: every operation resolves beneath it,
+    /// never through the replica's path.
+    pub fn with_root(root: OwnedFd, owners: bool) -> LocalReplica {
+        LocalReplica {
+            root,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             euid: rustix::process::geteuid().as_raw(),
             egid: rustix::process::getegid().as_raw(),
@@ -138,7 +146,7 @@ impl LocalReplica {
                 Path::new("/proc/self/fd").is_dir() || rustix::process::geteuid().is_root(),
             ),
             link_empty_path: AtomicBool::new(true),
-        })
+        }
     }
 
     /// Runs `op`; if it is refused for lack of permission, makes the directories `dirs` writable
@@ -719,6 +727,27 @@ mod tests {
             crate::scan::fingerprint(&md),
             "fingerprint of the file in place"
         );
+    }
+
+    #[test]
+    fn a_held_root_is_written_beneath_after_its_path_becomes_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dst, old, victim) = (
+            dir.path().join("dst"),
+            dir.path().join("dst.old"),
+            dir.path().join("victim"),
+        );
+        std::fs::create_dir(&dst).unwrap();
+        std::fs::create_dir(&victim).unwrap();
+        let fd = rfs::open(&dst, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let r = LocalReplica::with_root(fd, false);
+        std::fs::rename(&dst, &old).unwrap();
+        std::os::unix::fs::symlink(&victim, &dst).unwrap();
+        r.mkdir(&p("d")).unwrap();
+        write(&r, "d/f", b"x", &meta(0o644, 1)).unwrap();
+        assert_eq!(names(&old), ["d"]);
+        assert_eq!(names(&old.join("d")), ["f"]);
+        assert!(names(&victim).is_empty());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The destination of a sync, behind a small trait so that the apply loop does not know where
-//! the replica lives. [`local::LocalReplica`] is a real directory.
+//! the replica lives. [`local::LocalReplica`] is a real directory, beneath the root directory
+//! that [`root::ReplicaRoot`] holds (and locks) for the whole command.
 //!
 //! Contract shared by every implementation:
 //! - Paths are [`RelPath`]s below the replica root; nothing outside it is ever touched, and no
@@ -12,6 +13,7 @@
 pub mod local;
 pub mod memory;
 pub mod probe;
+pub mod root;
 
 use std::io::{self, Read};
 
