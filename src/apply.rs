@@ -6,6 +6,14 @@
 //!   and the index keeps its old row for that path, so the next sync retries it.
 //! - A file is recorded with the hash of the bytes that were actually written. A source file that
 //!   changes while it is copied is not put in place at all.
+//! - A copy inside the replica is put in place only if its own bytes hash to the source's
+//!   content. A copy source that fails this no longer holds what it was recorded with (bit rot
+//!   under an unchanged stat): the target is written from the source, and the original is
+//!   rewritten from the source ([`restore_from_source`]) or, if the source no longer has that
+//!   content, forgotten by the index so that the next sync replaces it. Either way an error is
+//!   logged; only the second is counted, since after the first the replica is right.
+//! - Source files are read for copying in one way only, [`SourceFile`]: not through a symlink
+//!   at the last component, between two `fstat`s that agree.
 //! - Records are committed in batches (one durable redb commit per [`BATCH_OPS`] operations or
 //!   [`BATCH_TIME`]); a killed sync loses at most one batch of records, never replica state: the
 //!   next scan finds those files in the replica and re-hashes them instead of copying them.
@@ -232,7 +240,13 @@ impl Ctx<'_> {
     /// from the source instead, and `from`, which no longer holds what it was recorded with, is
     /// repaired or reported ([`Ctx::repair_original`]). `recorded` is `from`'s replica entry
     /// when the plan was made.
-    fn copy(&self, from: &RelPath, to: &RelPath, src: &Entry, recorded: Option<&Entry>) -> OpResult {
+    fn copy(
+        &self,
+        from: &RelPath,
+        to: &RelPath,
+        src: &Entry,
+        recorded: Option<&Entry>,
+    ) -> OpResult {
         let want = src.file_hash();
         let mut differs = false;
         let mut check = |h: &Hash, n: u64| {
@@ -254,8 +268,7 @@ impl Ctx<'_> {
                 Ok((vec![u], 0))
             }
             Err(_) => {
-                if differs {
-                    let repair = self.repair_original(from, recorded);
+                if differs && let Some(repair) = self.repair_original(from, recorded) {
                     self.repairs.lock().expect("not poisoned").push(repair);
                 }
                 // The local copy went bad: take the bytes from the source tree instead.
@@ -264,44 +277,61 @@ impl Ctx<'_> {
         }
     }
 
-    /// `from` was to be copied but its bytes do not hash to what the index recorded for it:
-    /// bit rot, or an edit that kept its whole stat. It is rewritten from the source if the
-    /// source still has that content; otherwise its record is forgotten, so that the next sync
-    /// hashes it again and replaces it.
-    fn repair_original(&self, from: &RelPath, recorded: Option<&Entry>) -> Repair {
-        let what = format!(
-            "replica file {from} is corrupt (its bytes no longer match what was written)"
-        );
-        let restored = match recorded {
-            Some(e) => restore_from_source(self.replica, self.source, from, e),
-            None => Ok(None),
-        };
+    /// `from` was to be copied but its bytes do not hash to the content it was chosen for.
+    /// With the stat it was recorded with, it rotted (or was edited behind the filesystem's
+    /// back): it is rewritten from the source if the source still has that content; otherwise
+    /// its record is forgotten, so that the next sync hashes it again and replaces it. A file
+    /// that visibly changed since the scan needs nothing: its new stat makes the next sync
+    /// hash it again. A file that this plan moved into place has no earlier record to go by
+    /// and is forgotten.
+    fn repair_original(&self, from: &RelPath, recorded: Option<&Entry>) -> Option<Repair> {
         let forget = vec![Update::Forget(Table::Replica, from.clone())];
-        match restored {
-            Ok(Some(e)) => Repair {
-                path: from.clone(),
-                updates: vec![Update::Put(Table::Replica, from.clone(), e)],
-                msg: format!("{what}; it is rewritten from the source"),
-                fixed: true,
-            },
-            Ok(None) => Repair {
+        let Some(recorded) = recorded else {
+            return Some(Repair {
                 path: from.clone(),
                 updates: forget,
                 msg: format!(
-                    "{what}; the source no longer has that content, so the next sync replaces it"
+                    "replica file {from} does not hold the content it was moved in with; the \
+                     next sync replaces it"
                 ),
                 fixed: false,
-            },
-            Err(e) => Repair {
-                path: from.clone(),
-                updates: forget,
-                msg: format!(
-                    "{what}; it could not be rewritten from the source ({e}); the next sync \
-                     replaces it"
-                ),
-                fixed: false,
-            },
+            });
+        };
+        if self.replica.stat(from).ok()? != recorded.fp {
+            return None;
         }
+        let what =
+            format!("replica file {from} is corrupt (its bytes no longer match what was written)");
+        let (updates, msg, fixed) =
+            match restore_from_source(self.replica, self.source, from, recorded) {
+                Ok(Some(e)) => (
+                    vec![Update::Put(Table::Replica, from.clone(), e)],
+                    format!("{what}; it is rewritten from the source"),
+                    true,
+                ),
+                Ok(None) => (
+                    forget,
+                    format!(
+                        "{what}; the source no longer has that content, so the next sync \
+                         replaces it"
+                    ),
+                    false,
+                ),
+                Err(e) => (
+                    forget,
+                    format!(
+                        "{what}; it could not be rewritten from the source ({e}); the next \
+                         sync replaces it"
+                    ),
+                    false,
+                ),
+            };
+        Some(Repair {
+            path: from.clone(),
+            updates,
+            msg,
+            fixed,
+        })
     }
 
     /// Copies a file from the source, hashing it on the way, and records both sides.
@@ -766,8 +796,16 @@ mod tests {
         mem.rot(&p("a"));
         let out = run(&plan, &mem, dir.path(), None);
         assert!(out.errors.is_empty(), "{:?}", out.errors);
-        assert_eq!(mem.read(&p("b")).unwrap(), data, "the copy got the rotten bytes");
-        assert_eq!(mem.read(&p("a")).unwrap(), data, "the original was not repaired");
+        assert_eq!(
+            mem.read(&p("b")).unwrap(),
+            data,
+            "the copy got the rotten bytes"
+        );
+        assert_eq!(
+            mem.read(&p("a")).unwrap(),
+            data,
+            "the original was not repaired"
+        );
     }
 
     #[test]
@@ -794,8 +832,16 @@ mod tests {
         let out = run(&plan, &mem, &src, Some(&index));
         assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
         assert_eq!(out.errors[0].0, p("a"));
-        assert!(out.errors[0].1.contains("is corrupt"), "{}", out.errors[0].1);
-        assert_eq!(mem.read(&p("b")).unwrap(), data, "the copy got the rotten bytes");
+        assert!(
+            out.errors[0].1.contains("is corrupt"),
+            "{}",
+            out.errors[0].1
+        );
+        assert_eq!(
+            mem.read(&p("b")).unwrap(),
+            data,
+            "the copy got the rotten bytes"
+        );
         assert_eq!(mem.read(&p("a")).unwrap(), rotten, "left for the next sync");
         let records = index.load(Table::Replica).unwrap();
         assert!(

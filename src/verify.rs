@@ -236,23 +236,25 @@ pub fn compare(tree: &Tree, recorded: Vec<(RelPath, Entry)>) -> Verified {
     let missing = |v: &mut Verified, path: RelPath, e: Entry| {
         // Below an unreadable directory, a path was not seen, not found missing.
         if !tree.is_unknown(&path) {
-            v.differences
-                .push(Difference::new(path, Fault::Missing, e));
+            v.differences.push(Difference::new(path, Fault::Missing, e));
         }
     };
-    let mut rec = recorded.into_iter().peekable();
+    let mut rec = with_leader_hashes(recorded).into_iter().peekable();
     for (path, e) in &tree.entries {
         while let Some((p, r)) = rec.next_if(|(p, _)| p < path) {
             missing(&mut v, p, r);
         }
         let r = rec.next_if(|(p, _)| p == path).map(|(_, r)| r);
         match (&e.content, r) {
-            (Content::File { hash: Some(h), .. }, Some(r)) => {
-                if r.file_hash() != Some(*h) {
+            (Content::File { hash: Some(h), .. }, Some(r)) => match r.file_hash() {
+                Some(want) if want != *h => {
                     v.differences
                         .push(Difference::new(path.clone(), Fault::Corrupt, r));
                 }
-            }
+                Some(_) => {}
+                // Nothing to compare with.
+                None => v.unrecorded.push(path.clone()),
+            },
             (Content::File { hash: Some(_), .. }, None) => v.unrecorded.push(path.clone()),
             (Content::File { hash: None, .. }, _) => v.errors.push(format!(
                 "{path} changed while it was read and was not verified; run verify again"
@@ -265,6 +267,23 @@ pub fn compare(tree: &Tree, recorded: Vec<(RelPath, Entry)>) -> Verified {
         missing(&mut v, p, r);
     }
     v
+}
+
+/// A hard link is recorded with its leader and without a hash of its own: it gets the leader's.
+fn with_leader_hashes(mut recorded: Vec<(RelPath, Entry)>) -> Vec<(RelPath, Entry)> {
+    for i in 0..recorded.len() {
+        let Some(leader) = recorded[i].1.link.as_ref() else {
+            continue;
+        };
+        let found = recorded.binary_search_by(|(p, _)| p.cmp(leader));
+        let leader_hash = found.ok().and_then(|j| recorded[j].1.file_hash());
+        if let (Content::File { hash: h @ None, .. }, Some(lh)) =
+            (&mut recorded[i].1.content, leader_hash)
+        {
+            *h = Some(lh);
+        }
+    }
+    recorded
 }
 
 /// `--repair --dry-run`: whether the source still has the content of each difference.

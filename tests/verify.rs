@@ -29,7 +29,11 @@ fn read_bytes(path: &Path) -> Vec<u8> {
 /// reproduction does with `dd conv=notrunc` and `touch -d`: size and mtime are kept.
 fn corrupt_in_place(path: &Path) {
     let md = fs::symlink_metadata(path).unwrap();
-    let mut f = fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut first = [0u8];
     f.read_exact(&mut first).unwrap();
     f.seek(SeekFrom::Start(0)).unwrap();
@@ -80,7 +84,11 @@ fn repair_rewrites_only_the_corrupt_file_and_no_pending_change() {
         "stdout: {lines:?}\nstderr: {}",
         stderr_of(&a)
     );
-    assert_eq!(lines.len(), 1, "only the corrupt file is reported: {lines:?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "only the corrupt file is reported: {lines:?}"
+    );
 
     assert_eq!(read_bytes(&fx.dst.join("photo.jpg")), b"photo\n");
     assert_eq!(
@@ -99,7 +107,11 @@ fn repair_rewrites_only_the_corrupt_file_and_no_pending_change() {
         &without(after.clone(), "photo.jpg"),
         "verify --repair (outside photo.jpg)",
     );
-    assert_eq!(mtime_ns(&fx.dst), root_mtime, "the replica root's mtime changed");
+    assert_eq!(
+        mtime_ns(&fx.dst),
+        root_mtime,
+        "the replica root's mtime changed"
+    );
 
     // The repair is recorded: verify is clean now, and the sync still has its work to do.
     fx.run("verify", &[]).code(0);
@@ -132,7 +144,10 @@ fn repair_leaves_a_corrupt_file_whose_source_changed_or_vanished() {
     let a = fx.run("verify", &["--repair"]).code(3);
     let (lines, err) = (stdout_lines(&a), stderr_of(&a));
     for p in ["photo.jpg", "gone.txt"] {
-        assert!(has_line(&lines, &format!("corrupt {p}")), "stdout: {lines:?}");
+        assert!(
+            has_line(&lines, &format!("corrupt {p}")),
+            "stdout: {lines:?}"
+        );
         assert!(
             err.contains(&format!(
                 "corrupt {p}: the source no longer has the content it was written with; \
@@ -150,6 +165,26 @@ fn repair_leaves_a_corrupt_file_whose_source_changed_or_vanished() {
     fx.sync().code(0);
     assert_mirror(&fx.src, &fx.dst);
     fx.run("verify", &[]).code(0);
+}
+
+/// A corrupt inode with two names is repaired once and linked again: the hard links survive.
+#[test]
+fn repair_keeps_hard_links_linked() {
+    let fx = Fixture::default();
+    write(&fx.src.join("a"), "shared bytes\n");
+    fs::hard_link(fx.src.join("a"), fx.src.join("b")).unwrap();
+    write(&fx.src.join("c"), "other\n");
+    fx.sync().code(0);
+    assert_eq!(ino(&fx.dst.join("a")), ino(&fx.dst.join("b")));
+    // A hard link is recorded with its leader: verify compares it with the leader's hash.
+    fx.run("verify", &[]).code(0);
+    corrupt_in_place(&fx.dst.join("a"));
+    let a = fx.run("verify", &["--repair"]).code(0);
+    assert_eq!(stdout_lines(&a), ["repaired a", "repaired b"]);
+    assert_eq!(read_bytes(&fx.dst.join("b")), b"shared bytes\n");
+    assert_mirror(&fx.src, &fx.dst);
+    fx.run("verify", &[]).code(0);
+    fx.assert_up_to_date();
 }
 
 /// `--dry-run` says what a repair would do and changes nothing anywhere: not the replica, not
@@ -224,7 +259,11 @@ fn verify_refuses_a_missing_replica_and_creates_no_index() {
         assert!(err.contains("does not exist"), "{err}");
         assert!(err.contains("mounted"), "{err}");
         assert!(!fx.dst.exists(), "verify created the replica");
-        assert_eq!(files_below(&fx.state), Vec::<String>::new(), "verify wrote state");
+        assert_eq!(
+            files_below(&fx.state),
+            Vec::<String>::new(),
+            "verify wrote state"
+        );
     }
 
     // Synced, then the disk is "unmounted": the index stays as it was, nothing is created.
@@ -233,7 +272,11 @@ fn verify_refuses_a_missing_replica_and_creates_no_index() {
     let state_files = files_below(&fx.state);
     fs::rename(&fx.dst, fx.root.join("dst.unmounted")).unwrap();
     let a = fx.run("verify", &[]).code(1);
-    assert!(stderr_of(&a).contains("does not exist"), "{}", stderr_of(&a));
+    assert!(
+        stderr_of(&a).contains("does not exist"),
+        "{}",
+        stderr_of(&a)
+    );
     assert!(!fx.dst.exists());
     assert_eq!(files_below(&fx.state), state_files);
     fx.assert_state_unchanged(&index, "verify of a missing replica");
@@ -256,11 +299,16 @@ fn verify_without_an_index_says_to_sync_first_and_creates_none() {
         let err = stderr_of(&a);
         assert!(err.contains("no index for this replica yet"), "{err}");
         assert!(err.contains("dirsync sync"), "{err}");
-        assert_eq!(files_below(&fx.state), Vec::<String>::new(), "verify wrote state");
+        assert_eq!(
+            files_below(&fx.state),
+            Vec::<String>::new(),
+            "verify wrote state"
+        );
     }
     // An explicit --index that does not exist is not created either.
     let index = fx.root.join("elsewhere/i.redb");
-    fx.run("verify", &["--index", index.to_str().unwrap()]).code(1);
+    fx.run("verify", &["--index", index.to_str().unwrap()])
+        .code(1);
     assert!(!fx.root.join("elsewhere").exists());
     assert_unchanged(&before, &snapshot(&fx.dst), "verify without an index");
 }
@@ -281,7 +329,10 @@ fn verify_reports_recorded_files_missing_from_the_replica() {
     fs::remove_dir_all(&fx.dst).unwrap();
     mkdir(&fx.dst);
     let a = fx.run("verify", &[]).code(3);
-    assert_eq!(stdout_lines(&a), ["missing a", "missing d/b", "missing d/c"]);
+    assert_eq!(
+        stdout_lines(&a),
+        ["missing a", "missing d/b", "missing d/c"]
+    );
     assert!(stderr_of(&a).contains("3 missing"), "{}", stderr_of(&a));
 }
 
@@ -313,7 +364,11 @@ fn repair_restores_missing_files_from_the_source() {
     // Empty directories hold no recorded file; they come back with the next sync.
     want.retain(|k, _| !k.starts_with(b"empty"));
     let got = snapshot(&fx.dst);
-    assert_snapshots_mirror(&want, &got, "the restored replica differs from the synced one");
+    assert_snapshots_mirror(
+        &want,
+        &got,
+        "the restored replica differs from the synced one",
+    );
 
     // The rest is the sync's work.
     fx.sync().code(0);
@@ -348,7 +403,11 @@ impl LoopDisk {
             eprintln!("note: cannot make an ext4 image; test skipped");
             return None;
         }
-        if !ok(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount)) {
+        if !ok(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mount))
+        {
             eprintln!("note: cannot loop-mount {}; test skipped", image.display());
             return None;
         }
@@ -362,7 +421,15 @@ impl LoopDisk {
         let data = read_bytes(file);
         let stat = |p: &Path| {
             let m = fs::symlink_metadata(p).unwrap();
-            (m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec(), m.ino(), m.dev())
+            (
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+                m.ino(),
+                m.dev(),
+            )
         };
         let before = stat(file);
         let f = fs::File::open(file).unwrap();
@@ -375,13 +442,26 @@ impl LoopDisk {
             .windows(needle.len())
             .position(|w| w == needle)
             .expect("the file's bytes are on the image");
-        let mut img = fs::OpenOptions::new().write(true).open(&self.image).unwrap();
+        let mut img = fs::OpenOptions::new()
+            .write(true)
+            .open(&self.image)
+            .unwrap();
         img.seek(SeekFrom::Start(at as u64)).unwrap();
         img.write_all(&[needle[0] ^ 0xff]).unwrap();
         img.sync_all().unwrap();
         drop(img);
-        assert_ne!(read_bytes(file), data, "the rot of {} is not visible", file.display());
-        assert_eq!(stat(file), before, "the rot of {} changed its inode", file.display());
+        assert_ne!(
+            read_bytes(file),
+            data,
+            "the rot of {} is not visible",
+            file.display()
+        );
+        assert_eq!(
+            stat(file),
+            before,
+            "the rot of {} changed its inode",
+            file.display()
+        );
     }
 }
 
@@ -411,13 +491,7 @@ fn copies_inside_the_replica_are_checked_against_the_source_hash() {
         return;
     };
     let dst = disk.mount.join("dst");
-    let run = |sub: &str| {
-        fx.cmd()
-            .arg(sub)
-            .arg(&fx.src)
-            .arg(&dst)
-            .assert()
-    };
+    let run = |sub: &str| fx.cmd().arg(sub).arg(&fx.src).arg(&dst).assert();
     let big = bytes(1, (3 << 20) / 2);
     let small = bytes(2, 3000);
     write(&fx.src.join("big"), &big);
@@ -444,10 +518,19 @@ fn copies_inside_the_replica_are_checked_against_the_source_hash() {
     assert_eq!(plan, ["C big -> big2", "C small -> small2"]);
 
     let a = run("sync");
-    assert!(read_bytes(&dst.join("big2")) == big, "big2 got the rotten bytes");
-    assert!(read_bytes(&dst.join("small2")) == small, "small2 got the rotten bytes");
+    assert!(
+        read_bytes(&dst.join("big2")) == big,
+        "big2 got the rotten bytes"
+    );
+    assert!(
+        read_bytes(&dst.join("small2")) == small,
+        "small2 got the rotten bytes"
+    );
     assert!(read_bytes(&dst.join("big")) == big, "big was not repaired");
-    assert!(read_bytes(&dst.join("small")) == small, "small was not repaired");
+    assert!(
+        read_bytes(&dst.join("small")) == small,
+        "small was not repaired"
+    );
     // Both were put right, so the sync succeeded; it says what it found.
     let a = a.code(0);
     let err = stderr_of(&a);

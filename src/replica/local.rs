@@ -759,7 +759,7 @@ mod tests {
             let root = dir.path();
             let r = replica(root, mode);
             let m = meta(0o600, 9);
-            let w = write(&r, "a", b"payload", &m).unwrap();
+            write(&r, "a", b"payload", &m).unwrap();
             let c = r
                 .copy_file(&p("a"), &p("b"), &m, &mut |_, _| Ok(()))
                 .unwrap();
