@@ -6,12 +6,21 @@
 //!   and the index keeps its old row for that path, so the next sync retries it.
 //! - A file is recorded with the hash of the bytes that were actually written. A source file that
 //!   changes while it is copied is not put in place at all.
+//! - A copy inside the replica is put in place only if its own bytes hash to the source's
+//!   content. A copy source that fails this no longer holds what it was recorded with (bit rot
+//!   under an unchanged stat): the target is written from the source, and the original is
+//!   rewritten from the source ([`restore_from_source`]) or, if the source no longer has that
+//!   content, forgotten by the index so that the next sync replaces it. Either way an error is
+//!   logged; only the second is counted, since after the first the replica is right.
+//! - Source files are read for copying in one way only, [`SourceFile`]: not through a symlink
+//!   at the last component, between two `fstat`s that agree.
 //! - Records are committed in batches (one durable redb commit per [`BATCH_OPS`] operations or
 //!   [`BATCH_TIME`]); a killed sync loses at most one batch of records, never replica state: the
 //!   next scan finds those files in the replica and re-hashes them instead of copying them.
 //! - The stop flag is checked between operations: an interrupted sync commits what it did.
 
 use std::collections::HashSet;
+use std::fs::{File, Metadata};
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use crate::entry::{Content, Entry, Hash, Kind, RACY_WINDOW_NS, RelPath, Time};
+use crate::entry::{Content, Entry, Fingerprint, Hash, Kind, Meta, RACY_WINDOW_NS, RelPath, Time};
 use crate::error::Result;
 use crate::index::{Index, Table, Update};
 use crate::oplog::OpLog;
@@ -146,7 +155,7 @@ impl<'a> Recorder<'a> {
 
 /// A replica entry for a node dirsync has just written and then stat'ed: its content is known by
 /// construction, not from a read that could race a writer, so it is not racily clean.
-fn written(src: &Entry, content: Content, fp: crate::entry::Fingerprint) -> Entry {
+pub fn written(src: &Entry, content: Content, fp: Fingerprint) -> Entry {
     let changed = fp.mtime.as_nanos().max(fp.ctime.as_nanos()) + RACY_WINDOW_NS + 1;
     let seen = Time {
         sec: (changed / 1_000_000_000) as i64,
@@ -170,6 +179,8 @@ struct Ctx<'a> {
     /// Directories whose `Mkdir` failed: nothing below them is attempted.
     no_dirs: std::sync::Mutex<Vec<RelPath>>,
     any_no_dir: AtomicBool,
+    /// Corrupt copy sources met by the last operation, for the apply loop to record and report.
+    repairs: std::sync::Mutex<Vec<Repair>>,
 }
 
 /// A source file that is gone (or became a symlink) since the scan; the only error reported as
@@ -298,49 +309,7 @@ impl Ctx<'_> {
                 to,
                 src,
                 trusted,
-            } => {
-                let src = self.plan.entry(*src);
-                let want = src.file_hash();
-                let trusted = trusted
-                    .as_ref()
-                    .filter(|t| !t.is_racy(RACY_WINDOW_NS))
-                    .and_then(|t| t.file_hash().map(|h| (t.fp, h)));
-                let mut check = |h: &Hash, n: u64| {
-                    if Some(*h) == want && n == src.size() {
-                        Ok(())
-                    } else {
-                        Err(io::Error::other(format!(
-                            "replica file {from} changed since it was scanned"
-                        )))
-                    }
-                };
-                let res = r.copy_file(
-                    from,
-                    to,
-                    trusted.as_ref().map(|(fp, h)| (fp, h)),
-                    &src.meta,
-                    &mut check,
-                );
-                match res {
-                    Ok(w) => {
-                        let (h, n, fp) = (w.hash, w.len, w.fp);
-                        let content = Content::File {
-                            size: n,
-                            hash: Some(h),
-                        };
-                        Ok((
-                            vec![Update::Put(
-                                Table::Replica,
-                                to.clone(),
-                                written(src, content, fp),
-                            )],
-                            0,
-                        ))
-                    }
-                    // The local source went bad: take the bytes from the source tree instead.
-                    Err(_) => self.write(to, src),
-                }
-            }
+            } => self.copy(from, to, self.plan.entry(*src), trusted.as_deref()),
             Op::Write { path, src, .. } => self.write(path, self.plan.entry(*src)),
             Op::Symlink { path, src, .. } => {
                 let src = self.plan.entry(*src);
@@ -383,39 +352,115 @@ impl Ctx<'_> {
         }
     }
 
+    /// Copies the replica file `from` to `to`, which the plan wants with the content of `src`.
+    /// A copy whose bytes do not hash to that content is never put in place: `to` is written
+    /// from the source instead, and `from`, which no longer holds what it was recorded with, is
+    /// repaired or reported ([`Ctx::repair_original`]). `recorded` is `from`'s replica entry
+    /// when the plan was made.
+    fn copy(
+        &self,
+        from: &RelPath,
+        to: &RelPath,
+        src: &Entry,
+        recorded: Option<&Entry>,
+    ) -> OpResult {
+        let want = src.file_hash();
+        let mut differs = false;
+        let mut check = |h: &Hash, n: u64| {
+            if Some(*h) == want && n == src.size() {
+                return Ok(());
+            }
+            differs = true;
+            Err(io::Error::other(format!(
+                "replica file {from} does not hold the content it was recorded with"
+            )))
+        };
+        match self.replica.copy_file(from, to, &src.meta, &mut check) {
+            Ok(w) => {
+                let content = Content::File {
+                    size: w.len,
+                    hash: Some(w.hash),
+                };
+                let u = Update::Put(Table::Replica, to.clone(), written(src, content, w.fp));
+                Ok((vec![u], 0))
+            }
+            Err(_) => {
+                if differs && let Some(repair) = self.repair_original(from, recorded) {
+                    self.repairs.lock().expect("not poisoned").push(repair);
+                }
+                // The local copy went bad: take the bytes from the source tree instead.
+                self.write(to, src)
+            }
+        }
+    }
+
+    /// `from` was to be copied but its bytes do not hash to the content it was chosen for.
+    /// With the stat it was recorded with, it rotted (or was edited behind the filesystem's
+    /// back): it is rewritten from the source if the source still has that content; otherwise
+    /// its record is forgotten, so that the next sync hashes it again and replaces it. A file
+    /// that visibly changed since the scan needs nothing: its new stat makes the next sync
+    /// hash it again. A file that this plan moved into place has no earlier record to go by
+    /// and is forgotten.
+    fn repair_original(&self, from: &RelPath, recorded: Option<&Entry>) -> Option<Repair> {
+        let forget = vec![Update::Forget(Table::Replica, from.clone())];
+        let Some(recorded) = recorded else {
+            return Some(Repair {
+                path: from.clone(),
+                updates: forget,
+                msg: format!(
+                    "replica file {from} does not hold the content it was moved in with; the \
+                     next sync replaces it"
+                ),
+                fixed: false,
+            });
+        };
+        if self.replica.stat(from).ok()? != recorded.fp {
+            return None;
+        }
+        let what =
+            format!("replica file {from} is corrupt (its bytes no longer match what was written)");
+        let (updates, msg, fixed) =
+            match restore_from_source(self.replica, self.source, from, recorded) {
+                Ok(Some(e)) => (
+                    vec![Update::Put(Table::Replica, from.clone(), e)],
+                    format!("{what}; it is rewritten from the source"),
+                    true,
+                ),
+                Ok(None) => (
+                    forget,
+                    format!(
+                        "{what}; the source no longer has that content, so the next sync \
+                         replaces it"
+                    ),
+                    false,
+                ),
+                Err(e) => (
+                    forget,
+                    format!(
+                        "{what}; it could not be rewritten from the source ({e}); the next \
+                         sync replaces it"
+                    ),
+                    false,
+                ),
+            };
+        Some(Repair {
+            path: from.clone(),
+            updates,
+            msg,
+            fixed,
+        })
+    }
+
     /// Copies a file from the source, hashing it on the way, and records both sides.
     fn write(&self, path: &RelPath, planned: &Entry) -> OpResult {
-        let abs = path.to_path(self.source);
-        let file = open_nofollow(&abs).map_err(|e| match vanished(&e) {
-            true => io::Error::new(io::ErrorKind::NotFound, Vanished),
-            false => e,
-        })?;
-        let seen = Time::now();
-        let before = file.metadata()?;
-        if !before.file_type().is_file() {
-            return Err(io::Error::new(io::ErrorKind::NotFound, Vanished));
-        }
+        let file = SourceFile::open(self.source, path)?;
         // Metadata as the file is now: it may have changed since the scan.
         let mut src = planned.clone();
-        src.meta = meta_of(&before);
-        let fp = fingerprint(&before);
-        let mut check = |_: &Hash, n: u64| {
-            let after = file.metadata()?;
-            if fingerprint(&after) != fp || n != before.len() {
-                return Err(io::Error::other(
-                    "changed while it was being copied; it will be copied on the next sync",
-                ));
-            }
-            Ok(())
-        };
-        // Reading stops at the size fstat gave: a file that grew meanwhile fails the check anyway,
-        // and a small file needs no second read to see its end.
-        let w = self.replica.write_file(
-            path,
-            &mut io::Read::take(&file, before.len()),
-            &src.meta,
-            &mut check,
-        )?;
+        src.meta = file.meta();
+        let mut check = |_: &Hash, n: u64| file.check_unchanged(n);
+        let w = self
+            .replica
+            .write_file(path, &mut file.reader(), &src.meta, &mut check)?;
         let (h, n, rfp) = (w.hash, w.len, w.fp);
         let content = Content::File {
             size: n,
@@ -427,10 +472,148 @@ impl Ctx<'_> {
             written(&src, content.clone(), rfp),
         )];
         src.content = content;
-        src.fp = fp;
-        src.seen = seen;
+        src.fp = file.fingerprint();
+        src.seen = file.seen;
         updates.push(Update::Put(Table::Source, path.clone(), src));
         Ok((updates, n))
+    }
+}
+
+/// A corrupt copy source met while applying, and what was done about it.
+struct Repair {
+    path: RelPath,
+    updates: Vec<Update>,
+    msg: String,
+    /// Rewritten from the source; otherwise it is left for the next sync, and counted as an
+    /// error.
+    fixed: bool,
+}
+
+/// A regular file of the source opened for copying: never through a symlink at its last
+/// component, never blocking on a FIFO that replaced it, with the `fstat` taken before any
+/// byte is read.
+pub struct SourceFile {
+    file: File,
+    before: Metadata,
+    /// When the file was opened (what decides whether a hash of it is racily clean).
+    pub seen: Time,
+}
+
+impl SourceFile {
+    /// Opens `path` below `source`; a path that is no longer a regular file is `NotFound`.
+    pub fn open(source: &Path, path: &RelPath) -> io::Result<SourceFile> {
+        let file = open_nofollow(&path.to_path(source)).map_err(|e| match vanished(&e) {
+            true => io::Error::new(io::ErrorKind::NotFound, Vanished),
+            false => e,
+        })?;
+        let seen = Time::now();
+        let before = file.metadata()?;
+        if !before.file_type().is_file() {
+            return Err(io::Error::new(io::ErrorKind::NotFound, Vanished));
+        }
+        Ok(SourceFile { file, before, seen })
+    }
+
+    pub fn meta(&self) -> Meta {
+        meta_of(&self.before)
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        fingerprint(&self.before)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.before.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its bytes, up to the size `fstat` gave: a file that grew meanwhile fails
+    /// [`SourceFile::check_unchanged`] anyway, and a small file needs no second read to see its
+    /// end.
+    pub fn reader(&self) -> io::Take<&File> {
+        io::Read::take(&self.file, self.len())
+    }
+
+    /// Succeeds only if `n` bytes were read and the file is as it was when it was opened: bytes
+    /// read from a file that changed meanwhile may be a mix of two versions.
+    pub fn check_unchanged(&self, n: u64) -> io::Result<()> {
+        let after = self.file.metadata()?;
+        if fingerprint(&after) != self.fingerprint() || n != self.len() {
+            return Err(io::Error::other(
+                "changed while it was being copied; it will be copied on the next sync",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether an error opening a source file means that the path no longer holds a regular file.
+fn gone_from_source(e: &io::Error) -> bool {
+    vanished(e) || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error())
+}
+
+/// Whether the source's file at `path` holds the content `recorded` says, read as
+/// [`restore_from_source`] would read it. Writes nothing.
+pub fn source_has(source: &Path, path: &RelPath, recorded: &Entry) -> io::Result<bool> {
+    let Some(want) = recorded.file_hash() else {
+        return Ok(false);
+    };
+    let file = match SourceFile::open(source, path) {
+        Ok(f) => f,
+        Err(e) if gone_from_source(&e) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if file.len() != recorded.size() {
+        return Ok(false);
+    }
+    let (h, n) = crate::hash::hash_reader(&mut file.reader(), file.len())?;
+    file.check_unchanged(n)?;
+    Ok(h == want)
+}
+
+/// Rewrites the replica file `path` from the source, with the metadata of `recorded` (its
+/// replica entry), provided the source's file at `path` still holds the content `recorded`
+/// says. Returns the file's new replica entry, or `None` when the source no longer has that
+/// content (changed or gone); then nothing was written.
+pub fn restore_from_source(
+    replica: &dyn Replica,
+    source: &Path,
+    path: &RelPath,
+    recorded: &Entry,
+) -> io::Result<Option<Entry>> {
+    let Some(want) = recorded.file_hash() else {
+        return Ok(None);
+    };
+    let file = match SourceFile::open(source, path) {
+        Ok(f) => f,
+        Err(e) if gone_from_source(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if file.len() != recorded.size() {
+        return Ok(None);
+    }
+    let mut differs = false;
+    let mut check = |h: &Hash, n: u64| {
+        file.check_unchanged(n)?;
+        if *h != want {
+            differs = true;
+            return Err(io::Error::other("the source has other content"));
+        }
+        Ok(())
+    };
+    match replica.write_file(path, &mut file.reader(), &recorded.meta, &mut check) {
+        Ok(w) => {
+            let content = Content::File {
+                size: w.len,
+                hash: Some(w.hash),
+            };
+            Ok(Some(written(recorded, content, w.fp)))
+        }
+        Err(_) if differs => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -483,6 +666,7 @@ pub fn apply(
         unstaged: Default::default(),
         no_dirs: Default::default(),
         any_no_dir: AtomicBool::new(false),
+        repairs: Default::default(),
     };
     let kill_after = fault_kill_after();
     let changes = Changes::of(plan);
@@ -497,6 +681,7 @@ pub fn apply(
         if !matches!(ops[i], Op::Write { .. }) {
             let res = ctx.run(&ops[i]);
             out.finish(&ops[i], res, (rec, log), &changes, kill_after)?;
+            out.repaired(&ctx, rec, log);
             i += 1;
             if out.halted() || rec.failed.is_some() {
                 break;
@@ -569,6 +754,25 @@ pub fn apply(
 }
 
 impl Outcome {
+    /// Records and reports the corrupt copy sources the last operation met. One that was
+    /// rewritten from the source is reported but not counted: the replica is right again.
+    fn repaired(&mut self, ctx: &Ctx, rec: &mut Recorder, log: &mut OpLog) {
+        for r in std::mem::take(&mut *ctx.repairs.lock().expect("not poisoned")) {
+            if r.fixed {
+                log::warn!("{}", r.msg);
+            } else {
+                log::error!("{}", r.msg);
+            }
+            log.error(&r.msg);
+            for u in r.updates {
+                rec.push(u);
+            }
+            if !r.fixed {
+                self.errors.push((r.path, r.msg));
+            }
+        }
+    }
+
     /// Accounts for one finished operation: records and logs it, or reports its error.
     fn finish(
         &mut self,
@@ -680,5 +884,120 @@ pub fn letter(op: &Op) -> &'static str {
         Op::Rename { .. } => Code::Move.letter(),
         Op::Copy { .. } => Code::Copy.letter(),
         Op::SetMeta { .. } => Code::Meta.letter(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diff::diff;
+    use crate::hash::fill_tree_hashes;
+    use crate::index::Roots;
+    use crate::plan::plan;
+    use crate::replica::memory::MemoryReplica;
+    use crate::scan::{self, Side};
+
+    fn p(s: &str) -> RelPath {
+        RelPath::from_bytes(s.as_bytes()).unwrap()
+    }
+
+    /// The plan of a sync of `src` into `mem`.
+    fn plan_for(src: &Path, mem: &MemoryReplica) -> Plan {
+        let mut tree = scan::walk(src, Side::Source);
+        let all: Vec<usize> = tree.unhashed().collect();
+        scan::hash_files(src, &mut tree, &all);
+        let mut dst = mem.tree();
+        fill_tree_hashes(&mut tree.entries, false);
+        fill_tree_hashes(&mut dst, false);
+        let changes = diff(&tree.entries, &dst, false, &|_| false);
+        plan(&changes, &tree.entries, &dst, false)
+    }
+
+    fn run(plan: &Plan, mem: &MemoryReplica, src: &Path, index: Option<&Index>) -> Outcome {
+        let stop = AtomicBool::new(false);
+        let mut rec = Recorder::new(index);
+        apply(plan, mem, src, &mut rec, &mut OpLog::default(), &stop).unwrap()
+    }
+
+    /// A source with `a`, synced into a memory replica; then `b`, a copy of `a`, is added, and
+    /// the next sync planned: it copies `a` inside the replica.
+    fn copy_planned(src: &Path, data: &[u8]) -> (MemoryReplica, Plan) {
+        std::fs::write(src.join("a"), data).unwrap();
+        let mem = MemoryReplica::new(false);
+        let first = plan_for(src, &mem);
+        assert!(run(&first, &mem, src, None).errors.is_empty());
+        std::fs::copy(src.join("a"), src.join("b")).unwrap();
+        let plan = plan_for(src, &mem);
+        assert!(
+            plan.ops
+                .iter()
+                .any(|op| matches!(op, Op::Copy { from, .. } if *from == p("a"))),
+            "{:#?}",
+            plan.ops
+        );
+        (mem, plan)
+    }
+
+    #[test]
+    fn a_rotten_copy_source_is_not_copied_and_is_rewritten_from_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let (mem, plan) = copy_planned(dir.path(), &data);
+        // Bit rot after the plan trusted the record of `a`.
+        mem.rot(&p("a"));
+        let out = run(&plan, &mem, dir.path(), None);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(
+            mem.read(&p("b")).unwrap(),
+            data,
+            "the copy got the rotten bytes"
+        );
+        assert_eq!(
+            mem.read(&p("a")).unwrap(),
+            data,
+            "the original was not repaired"
+        );
+    }
+
+    #[test]
+    fn a_rotten_copy_source_the_source_no_longer_has_is_reported_and_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 241) as u8).collect();
+        let (mem, plan) = copy_planned(&src, &data);
+        let replica = dir.path().join("replica");
+        let roots = Roots {
+            source: &src,
+            replica: &replica,
+        };
+        let index = Index::open(&dir.path().join("index.redb"), &roots, false).unwrap();
+        let (_, recorded) = mem.tree().into_iter().find(|(q, _)| *q == p("a")).unwrap();
+        index
+            .commit(&[Update::Put(Table::Replica, p("a"), recorded)])
+            .unwrap();
+        mem.rot(&p("a"));
+        let rotten = mem.read(&p("a")).unwrap();
+        // The source's `a` changes after the scan: it can no longer repair the replica's.
+        std::fs::write(src.join("a"), vec![7u8; data.len()]).unwrap();
+        let out = run(&plan, &mem, &src, Some(&index));
+        assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
+        assert_eq!(out.errors[0].0, p("a"));
+        assert!(
+            out.errors[0].1.contains("is corrupt"),
+            "{}",
+            out.errors[0].1
+        );
+        assert_eq!(
+            mem.read(&p("b")).unwrap(),
+            data,
+            "the copy got the rotten bytes"
+        );
+        assert_eq!(mem.read(&p("a")).unwrap(), rotten, "left for the next sync");
+        let records = index.load(Table::Replica).unwrap();
+        assert!(
+            records.iter().all(|(q, _)| *q != p("a")),
+            "the rotten file is still recorded as good"
+        );
     }
 }

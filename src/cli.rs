@@ -67,13 +67,22 @@ pub enum Command {
         max_delete: Option<usize>,
     },
     /// Re-read every replica file and check it against the hash recorded when it was written
-    /// (bit rot, edits that kept size and mtime). Exit code 3 if any differs.
+    /// (bit rot, edits that kept size and mtime), and look for every recorded file. Exit code 3
+    /// if any differs (or, with --repair, could not be repaired).
+    ///
+    /// Lines: `corrupt path`, `missing path`; with --repair `repaired path`, `restored path`;
+    /// with --repair --dry-run `would repair path`, `would restore path`, `cannot repair path:
+    /// why`. DST must exist and have an index: verify creates nothing.
     Verify {
         #[command(flatten)]
         common: Common,
-        /// Copy the files that differ again from SRC.
+        /// Rewrite the files that differ from SRC, where SRC still has the content they were
+        /// written with, and nothing else (no sync: other pending changes stay pending).
         #[arg(long)]
         repair: bool,
+        /// With --repair: print what it would rewrite and change nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
     },
 }
 

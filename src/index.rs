@@ -247,6 +247,41 @@ impl Index {
         }
     }
 
+    /// Opens the index at `path` for the given roots only if there is one, creating and writing
+    /// nothing: `None` when the file does not exist, is empty, or has no dirsync schema yet.
+    pub fn open_existing(path: &Path, roots: &Roots) -> Result<Option<Index>> {
+        match std::fs::metadata(path) {
+            Ok(md) if md.len() > 0 => {}
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(path, e)),
+        }
+        guarded(path, || {
+            let db = builder().open(path).map_err(|e| ierr(path, e))?;
+            let index = Index {
+                db,
+                path: path.to_path_buf(),
+            };
+            if !index.has_schema()? {
+                return Ok(None);
+            }
+            // With a schema in place, this only reads.
+            index.init(roots, false)?;
+            Ok(Some(index))
+        })
+    }
+
+    fn has_schema(&self) -> Result<bool> {
+        let p = &self.path;
+        let tx = self.db.begin_read().map_err(|e| ierr(p, e))?;
+        let meta = match tx.open_table(META) {
+            Ok(m) => m,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(ierr(p, e)),
+        };
+        Ok(meta.get("schema").map_err(|e| ierr(p, e))?.is_some())
+    }
+
     /// Checks what the file holds against the roots and, for a new file or with `reset`, makes
     /// it an empty index of these roots. An index in use is only read here unless its replica
     /// was never recorded (then it is recorded now): opening it writes nothing, so a full disk
@@ -634,6 +669,34 @@ impl ReadIndex {
             let tx = db.begin_read().map_err(|e| ierr(&self.path, e))?;
             read_meta(&self.path, &tx, key)
         })
+    }
+
+    /// Opens the index read-only only if there is one: `None` when the file does not exist, is
+    /// empty, or has no dirsync schema yet.
+    pub fn open_existing(path: &Path, roots: &Roots) -> Result<Option<ReadIndex>> {
+        let index = ReadIndex::open(path, roots)?;
+        let Some(db) = &index.db else {
+            return Ok(None);
+        };
+        let has_schema = guarded(path, || {
+            let tx = db.begin_read().map_err(|e| ierr(path, e))?;
+            match tx.open_table(META) {
+                Ok(m) => Ok(m.get("schema").map_err(|e| ierr(path, e))?.is_some()),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+                Err(e) => Err(ierr(path, e)),
+            }
+        })?;
+        Ok(has_schema.then_some(index))
+    }
+
+    /// Reads one recorded tree, in canonical order.
+    pub fn load(&self, table: Table) -> Result<Vec<(RelPath, Entry)>> {
+        let mut out = Vec::new();
+        let snapshot = self.snapshot()?;
+        snapshot
+            .cursor(table)?
+            .finish(&mut |p, e| out.push((p, e)))?;
+        Ok(out)
     }
 
     /// See [`Index::snapshot`]; a missing index has nothing recorded.

@@ -7,7 +7,7 @@
 //! - [`diff`] and [`plan`]: pure functions from two trees to an ordered list of operations.
 //! - [`merge`]: scans both trees at once in bounded memory, keeping what may differ.
 //! - [`apply`] runs a plan; [`oplog`] logs it.
-//! - [`sync`], [`watch`], [`report`]: the commands; [`config`] validates their input.
+//! - [`sync`], [`watch`], [`verify`], [`report`]: the commands; [`config`] validates their input.
 //!
 //! See `docs/ARCHITECTURE.md` for the data flow, the index schema and the invariants.
 
@@ -26,4 +26,5 @@ pub mod replica;
 pub mod report;
 pub mod scan;
 pub mod sync;
+pub mod verify;
 pub mod watch;

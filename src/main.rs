@@ -12,6 +12,7 @@ use cli::{Cli, Command};
 use dirsync::config::Config;
 use dirsync::error::Error;
 use dirsync::sync::{self, Report, Session};
+use dirsync::verify::{Repair, Verified};
 
 /// Process exit codes; README.md documents them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,36 +114,21 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             finish_pass(&cfg, &report, quiet, verbose);
             Ok(exit_for(&report))
         }
-        Command::Verify { repair, .. } => {
-            let mut session = Session::open(&cfg)?;
-            let v = session.verify(*repair, &STOP)?;
-            for e in &v.scan_errors {
-                say!("dirsync: error: {e}");
-            }
-            for p in &v.mismatched {
-                let _ = writeln!(
-                    std::io::stdout(),
-                    "{} {p}",
-                    if *repair { "repaired" } else { "corrupt" }
-                );
-            }
-            if !quiet {
-                say!(
-                    "verified {} files ({}): {} differ from the index, {} not recorded yet",
-                    v.files_checked,
-                    sync::human_bytes(v.bytes_checked),
-                    v.mismatched.len(),
-                    v.unrecorded.len()
-                );
-            }
-            let repaired = v.repair.as_ref().is_some_and(|r| r.error_count() == 0);
-            Ok(
-                if !v.scan_errors.is_empty() || (!v.mismatched.is_empty() && !repaired) {
-                    ExitCode::Partial
-                } else {
-                    ExitCode::Success
-                },
-            )
+        Command::Verify {
+            repair, dry_run, ..
+        } => {
+            let mode = match (*repair, *dry_run) {
+                (false, _) => Repair::No,
+                (true, true) => Repair::DryRun,
+                (true, false) => Repair::Yes,
+            };
+            let v = dirsync::verify::verify(&cfg, mode, &STOP)?;
+            print_verified(&v, quiet);
+            Ok(if v.is_good() {
+                ExitCode::Success
+            } else {
+                ExitCode::Partial
+            })
         }
         Command::Watch { .. } => {
             let failed =
@@ -209,6 +195,23 @@ fn stdout_was_closed() -> bool {
         == rustix::fs::FileType::CharacterDevice
         && (major(st.st_rdev), minor(st.st_rdev)) == (1, 3);
     is_null && (fl & OFlags::RWMODE) == OFlags::RDWR
+}
+
+fn print_verified(v: &Verified, quiet: bool) {
+    for e in &v.errors {
+        eprintln!("dirsync: error: {e}");
+    }
+    let mut out = std::io::stdout().lock();
+    for d in &v.differences {
+        if let Some(e) = d.error() {
+            eprintln!("dirsync: error: {e}");
+        }
+        let _ = writeln!(out, "{}", d.line());
+    }
+    let _ = out.flush();
+    if !quiet {
+        eprintln!("{}", v.summary());
+    }
 }
 
 fn print_problems(report: &Report) {

@@ -71,6 +71,11 @@ impl OpLog {
         self.line(&format!("error {msg}"));
     }
 
+    /// A line for something done outside a plan (`verify --repair`).
+    pub fn note(&mut self, text: &str) {
+        self.line(text);
+    }
+
     pub fn summary(&mut self, text: &str) {
         self.line(text);
     }

@@ -28,7 +28,7 @@ use crate::plan::{Code, Draft, Plan, plan_with};
 use crate::replica::local::LocalReplica;
 use crate::replica::probe::{self, FsTraits};
 use crate::replica::root::ReplicaRoot;
-use crate::scan::{self, Root, Side, Tree};
+use crate::scan::{self, Root, Tree};
 
 /// What one pass found and did.
 #[derive(Debug, Default)]
@@ -326,7 +326,7 @@ fn replica_root(root: &ReplicaRoot) -> Root<'_> {
 }
 
 /// Takes the replica's lock on its held root, or says who has it.
-fn lock(root: &ReplicaRoot) -> Result<()> {
+pub(crate) fn lock(root: &ReplicaRoot) -> Result<()> {
     match root.try_lock() {
         Ok(true) => Ok(()),
         Ok(false) => Err(Error::ReplicaLocked {
@@ -506,63 +506,6 @@ impl Session {
             self.log.summary(&report.summary());
         }
         Ok(report)
-    }
-}
-
-/// What `verify` found.
-#[derive(Debug, Default)]
-pub struct Verified {
-    pub files_checked: u64,
-    pub bytes_checked: u64,
-    /// Replica files whose bytes no longer hash to what the index recorded.
-    pub mismatched: Vec<RelPath>,
-    /// Replica files the index has no hash for (not written or verified by dirsync yet).
-    pub unrecorded: Vec<RelPath>,
-    pub scan_errors: Vec<String>,
-    /// The sync that repaired the mismatches, with `--repair`.
-    pub repair: Option<Report>,
-}
-
-impl Session {
-    /// Re-reads every replica file and compares it with the hash the index recorded for it:
-    /// finds bit rot and edits that kept size and mtime. With `repair`, the bad files are
-    /// forgotten and a sync copies them again from the source.
-    pub fn verify(&mut self, repair: bool, stop: &AtomicBool) -> Result<Verified> {
-        let recorded = self.index.load(Table::Replica)?;
-        let mut tree = Tree::default();
-        if let Some(root) = &self.root {
-            tree = scan::walk_in(replica_root(root), Side::Replica);
-            let all: Vec<usize> = tree.unhashed().collect();
-            scan::hash_files_in(replica_root(root), &mut tree, &all);
-        }
-        let mut out = Verified {
-            files_checked: tree.hashed_files,
-            bytes_checked: tree.hashed_bytes,
-            ..Verified::default()
-        };
-        for p in &tree.problems {
-            out.scan_errors
-                .push(format!("cannot read {}: {}", shown(&p.path), p.error));
-        }
-        for (path, e) in &tree.entries {
-            let Some(h) = e.file_hash() else { continue };
-            match recorded.binary_search_by(|(p, _)| p.cmp(path)) {
-                Ok(i) if recorded[i].1.file_hash() == Some(h) => {}
-                Ok(_) => out.mismatched.push(path.clone()),
-                Err(_) => out.unrecorded.push(path.clone()),
-            }
-        }
-        if repair && !out.mismatched.is_empty() {
-            let forget: Vec<Update> = out
-                .mismatched
-                .iter()
-                .map(|p| Update::Remove(Table::Replica, p.clone()))
-                .collect();
-            self.index.commit(&forget)?;
-            // The forgotten files are hashed again by the scan, found to differ, and replaced.
-            out.repair = Some(self.sync(stop)?);
-        }
-        Ok(out)
     }
 }
 

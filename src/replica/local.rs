@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -340,7 +340,7 @@ impl LocalReplica {
         loop {
             let name = self.tmp_name();
             let flags =
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+                OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW;
             match rfs::openat(dir, os(&name), flags, Mode::from_raw_mode(0o600)) {
                 Ok(fd) => return Ok((File::from(fd), name)),
                 Err(rustix::io::Errno::EXIST) => continue,
@@ -350,10 +350,11 @@ impl LocalReplica {
     }
 
     /// Creates an empty file in `dir` that is not in place yet: unnamed where the filesystem
-    /// supports `O_TMPFILE`, else under a temporary name.
+    /// supports `O_TMPFILE`, else under a temporary name. It is open for reading too, so that a
+    /// copy can be read back before it is put in place.
     fn create_new(&self, dir: &Dir) -> io::Result<NewFile> {
         if self.tmpfile.load(Ordering::Relaxed) {
-            let flags = OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC;
+            let flags = OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC;
             match rfs::openat(dir, ".", flags, Mode::from_raw_mode(0o600)) {
                 Ok(fd) => {
                     return Ok(NewFile {
@@ -559,7 +560,6 @@ impl Replica for LocalReplica {
         &self,
         from: &RelPath,
         to: &RelPath,
-        trusted: Option<(&Fingerprint, &Hash)>,
         meta: &Meta,
         check: Check,
     ) -> io::Result<Written> {
@@ -570,24 +570,18 @@ impl Replica for LocalReplica {
         if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
             return Err(io::Error::other("copy source is not a regular file"));
         }
-        let fp = fingerprint_of(&st);
+        let len = st.st_size as u64;
         let (td, tname) = self.parent(to)?;
         let new = self.writable(&[to.parent()], || self.create_new(&td))?;
-        match trusted {
-            Some((want, h)) if *want == fp => {
-                let h = *h;
-                self.write_into(&td, new, &tname, meta, |f| {
-                    let n = kernel_copy(&src, f, fp.size)?;
-                    check(&h, n)?;
-                    Ok((h, n))
-                })
-            }
-            _ => self.write_into(&td, new, &tname, meta, |f| {
-                let (h, n) = hash::copy_hashing(&mut &src, f)?;
-                check(&h, n)?;
-                Ok((h, n))
-            }),
-        }
+        self.write_into(&td, new, &tname, meta, |f| {
+            kernel_copy(&src, f, len)?;
+            // What the new file holds, as the filesystem returns it: a reflink shares a rotten
+            // extent, `copy_file_range` copies it, and either way the hash shows it.
+            f.seek(SeekFrom::Start(0))?;
+            let (h, n) = hash::hash_reader(&mut &*f, len)?;
+            check(&h, n)?;
+            Ok((h, n))
+        })
     }
 
     fn symlink(&self, path: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()> {
@@ -640,7 +634,7 @@ impl Replica for LocalReplica {
 }
 
 /// Copies `len` bytes in the kernel: a reflink where the filesystem shares extents, else
-/// `copy_file_range`, else a plain read/write loop.
+/// `copy_file_range`, else a plain read/write loop. The caller reads the result back.
 fn kernel_copy(src: &File, dst: &mut File, len: u64) -> io::Result<u64> {
     if rfs::ioctl_ficlone(&*dst, src).is_ok() {
         return Ok(len);
@@ -805,19 +799,50 @@ mod tests {
             let root = dir.path();
             let r = replica(root, mode);
             let m = meta(0o600, 9);
-            let w = write(&r, "a", b"payload", &m).unwrap();
-            // Trusted: the kernel copies; untrusted: hashed on the way.
+            write(&r, "a", b"payload", &m).unwrap();
             let c = r
-                .copy_file(&p("a"), &p("b"), Some((&w.fp, &w.hash)), &m, &mut |_, _| {
-                    Ok(())
-                })
+                .copy_file(&p("a"), &p("b"), &m, &mut |_, _| Ok(()))
                 .unwrap();
             assert_written(root, "b", &c, b"payload", &m);
+            // Over an existing file.
             let c = r
-                .copy_file(&p("a"), &p("b"), None, &m, &mut |_, _| Ok(()))
+                .copy_file(&p("a"), &p("b"), &m, &mut |_, _| Ok(()))
                 .unwrap();
             assert_written(root, "b", &c, b"payload", &m);
             assert_eq!(names(root), ["a", "b"], "{how}");
+        }
+    }
+
+    /// The copy source rotted after it was hashed: `check` sees the hash of the rotten bytes
+    /// (what the new file holds), refuses it, and nothing is put in place.
+    #[test]
+    fn a_copy_is_checked_by_the_hash_of_its_own_bytes() {
+        for mode in MODES {
+            let (how, dir) = (mode.0, tempfile::tempdir().unwrap());
+            let root = dir.path();
+            let r = replica(root, mode);
+            let m = meta(0o600, 9);
+            // Large enough to be hashed in parallel blocks.
+            let data: Vec<u8> = (0..9u32 << 20).map(|i| (i ^ (i >> 13)) as u8).collect();
+            let w = write(&r, "a", &data, &m).unwrap();
+            let mut rotten = data.clone();
+            rotten[5 << 20] ^= 1;
+            std::fs::write(root.join("a"), &rotten).unwrap();
+            let mut seen = None;
+            let e = r
+                .copy_file(&p("a"), &p("b"), &m, &mut |h, n| {
+                    seen = Some((*h, n));
+                    if *h == w.hash {
+                        Ok(())
+                    } else {
+                        Err(io::Error::other("rotten"))
+                    }
+                })
+                .unwrap_err();
+            assert_eq!(e.to_string(), "rotten", "{how}");
+            let want = (*blake3::hash(&rotten).as_bytes(), rotten.len() as u64);
+            assert_eq!(seen, Some(want), "{how}");
+            assert_eq!(names(root), ["a"], "{how}");
         }
     }
 

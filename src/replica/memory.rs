@@ -269,6 +269,18 @@ impl MemoryReplica {
         }
     }
 
+    /// Bit rot, for tests: flips a byte of the file at `path` and leaves its inode as it was
+    /// (size, times), as a disk that corrupts data underneath the filesystem does.
+    pub fn rot(&self, path: &RelPath) {
+        let mut st = self.lock();
+        let Some(Node::File { ino }) = st.nodes.get(path).cloned() else {
+            panic!("{path} is not a file of the memory replica");
+        };
+        let f = st.files.get_mut(&ino).expect("a file node has an inode");
+        let at = f.data.len() / 2;
+        f.data[at] ^= 0x80;
+    }
+
     /// The whole tree as a scan would record it, in canonical order, the root first: every file
     /// with its content hash, every symlink with its target, hard links pointing at the first of
     /// their paths. Directory tree hashes are left unknown (see
@@ -467,40 +479,24 @@ impl Replica for MemoryReplica {
         &self,
         from: &RelPath,
         to: &RelPath,
-        trusted: Option<(&Fingerprint, &Hash)>,
         meta: &Meta,
         check: Check,
     ) -> io::Result<Written> {
-        let (data, fp) = {
+        let data = {
             let st = self.lock();
             st.check_parent(from)?;
             st.check_parent(to)?;
             match st.nodes.get(from) {
-                Some(node @ Node::File { ino }) => {
-                    (st.files[ino].data.clone(), st.fingerprint(node))
-                }
+                Some(Node::File { ino }) => st.files[ino].data.clone(),
                 Some(_) => return Err(io::Error::other("copy source is not a regular file")),
                 None => return Err(err(Errno::NOENT)),
             }
         };
-        let (h, n) = match trusted {
-            // As a kernel copy does: the recorded hash stands for bytes not read here.
-            Some((want, h)) if *want == fp => {
-                check(h, data.len() as u64)?;
-                (*h, data.len() as u64)
-            }
-            _ => {
-                let (_, h, n) = Self::take(&mut &data[..], check)?;
-                (h, n)
-            }
-        };
+        // As the local replica reads its copy back: the hash is of the bytes copied.
+        let (_, hash, len) = Self::take(&mut &data[..], check)?;
         self.put_file(to, data, meta)?;
         let fp = self.stat_node(to)?;
-        Ok(Written {
-            hash: h,
-            len: n,
-            fp,
-        })
+        Ok(Written { hash, len, fp })
     }
 
     fn symlink(&self, path: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()> {

@@ -53,14 +53,14 @@ pub trait Replica: Sync {
         meta: &Meta,
         check: Check,
     ) -> io::Result<Written>;
-    /// Copies the replica file `from` to `to`. When `trusted` is the fingerprint `from` had when
-    /// it was hashed and still has, the bytes are copied by the kernel (reflink where it can)
-    /// without being read here; otherwise they are hashed on the way and `check` decides.
+    /// Copies the replica file `from` to `to`, by the kernel where it can (a reflink shares the
+    /// bytes). `check` sees the hash and length of the bytes the new file holds, read back or
+    /// hashed on the way, never a hash recorded for `from`: a copy source that rotted is
+    /// caught before its bytes are put in place under a second name.
     fn copy_file(
         &self,
         from: &RelPath,
         to: &RelPath,
-        trusted: Option<(&Fingerprint, &Hash)>,
         meta: &Meta,
         check: Check,
     ) -> io::Result<Written>;
