@@ -296,8 +296,6 @@ fn recorded_fs(value: Option<Vec<u8>>) -> FsTraits {
         .unwrap_or_default()
 }
 
-/// A replica opened for syncing: holds the index (and with it the single-writer lock).
-
 /// Opens the source root to hold it for one pass.
 fn open_source(path: &Path) -> Result<OwnedFd> {
     scan::open_dir(path).map_err(|e| match e.kind() {

@@ -515,7 +515,7 @@ fn copies_inside_the_replica_are_checked_against_the_source_hash() {
     let a = run("status").code(0);
     let mut plan = stdout_lines(&a);
     plan.sort();
-    assert_eq!(plan, ["C big -> big2", "C small -> small2"]);
+    assert_eq!(plan, ["C big -> big2", "C small -> small2", "m ."]);
 
     let a = run("sync");
     assert!(
