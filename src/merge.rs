@@ -236,7 +236,8 @@ fn walk_side(
             batch.reserve(BATCH);
         }
     };
-    let tree = scan::walk_with(root, side, &mut sink);
+    let fold = side == scan::Side::Source && fs.case_insensitive;
+    let tree = scan::walk_folding(root, side, fold, &mut sink);
     if let Some(e) = failed {
         return Err(e);
     }

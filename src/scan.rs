@@ -136,9 +136,23 @@ pub fn walk_in(root: Root, side: Side) -> Tree {
 /// it is known instead of keeping it: memory stays bounded by the depth of the tree and the
 /// width of one directory. The returned tree has no entries, only what else the walk found.
 pub fn walk_with(root: Root, side: Side, sink: &mut dyn FnMut(&Windows, RelPath, Entry)) -> Tree {
+    walk_folding(root, side, false, sink)
+}
+
+/// [`walk_with`] for a replica whose filesystem does not tell names apart by case
+/// (`fold_case`): names of one directory that differ only in case would land on one replica
+/// node, so none of them is handed on; each is a problem and unknown (left as it is in the
+/// replica), reported at every pass, instead of a replica that flips between them.
+pub fn walk_folding(
+    root: Root,
+    side: Side,
+    fold_case: bool,
+    sink: &mut dyn FnMut(&Windows, RelPath, Entry),
+) -> Tree {
     let mut w = Walker {
         tree: Tree::default(),
         side,
+        fold_case,
         root: root.path,
         seen: Time::now(),
         leaders: HashMap::new(),
@@ -284,6 +298,8 @@ fn item_order(names: &[u8], a: &Item, b: &Item) -> std::cmp::Ordering {
 struct Walker<'a> {
     tree: Tree,
     side: Side,
+    /// See [`walk_folding`].
+    fold_case: bool,
     root: &'a Path,
     seen: Time,
     /// The first path (in canonical order) of each file with more than one link.
@@ -353,6 +369,9 @@ impl Walker<'_> {
             }
         }
         items.sort_unstable_by(|a, b| item_order(&names, a, b));
+        if self.fold_case {
+            self.drop_case_collisions(rel, &names, &mut items);
+        }
         let Ok(dfd) = dir.fd() else { return };
         for item in items {
             let child = rel.join(item.name(&names));
@@ -365,6 +384,38 @@ impl Walker<'_> {
                 Ok(fd) => self.dir(fd, &child),
                 Err(e) => self.problem(child, io_err(e)),
             }
+        }
+    }
+
+    /// Takes the names of one listing that differ only in case out of `items` (both the node
+    /// and its subtree), as problems (see [`walk_folding`]).
+    fn drop_case_collisions(&mut self, rel: &RelPath, names: &[u8], items: &mut Vec<Item>) {
+        let nodes: Vec<&[u8]> = items
+            .iter()
+            .filter(|i| !i.subtree)
+            .map(|i| i.name(names))
+            .collect();
+        let clash: std::collections::HashSet<Vec<u8>> =
+            crate::replica::probe::case_collisions(&nodes)
+                .into_iter()
+                .map(|k| nodes[k].to_vec())
+                .collect();
+        if clash.is_empty() {
+            return;
+        }
+        items.retain(|i| !clash.contains(i.name(names)));
+        let mut clash: Vec<Vec<u8>> = clash.into_iter().collect();
+        clash.sort();
+        for name in clash {
+            let error = io::Error::other(
+                "another name in its directory differs from it only in case, which the \
+                 replica's filesystem does not tell apart; neither is replicated (rename one)",
+            );
+            self.tree.problems.push(Problem {
+                path: rel.join(&name).to_path(self.root),
+                error,
+            });
+            self.tree.unknown.push(rel.join(&name));
         }
     }
 
@@ -601,6 +652,34 @@ pub fn fingerprint(md: &Metadata) -> Fingerprint {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn names_differing_only_in_case_are_held_back_for_a_case_insensitive_replica() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path();
+        std::fs::write(src.join("Read.me"), b"1").unwrap();
+        std::fs::create_dir_all(src.join("read.ME/inner")).unwrap();
+        std::fs::write(src.join("read.ME/inner/x"), b"2").unwrap();
+        std::fs::write(src.join("other"), b"3").unwrap();
+        let fd = open_dir(src).unwrap();
+        let root = Root {
+            path: src,
+            fd: fd.as_fd(),
+        };
+        let mut entries = Vec::new();
+        let tree = walk_folding(root, Side::Source, true, &mut |_, p, _| {
+            entries.push(p.to_string())
+        });
+        assert_eq!(entries, [".", "other"]);
+        let unknown: Vec<String> = tree.unknown.iter().map(|p| p.to_string()).collect();
+        assert_eq!(unknown, ["Read.me", "read.ME"]);
+        assert_eq!(tree.problems.len(), 2);
+        assert!(tree.problems[0].error.to_string().contains("only in case"));
+        // Without folding every name is handed on.
+        let tree = walk_in(root, Side::Source);
+        assert_eq!(tree.entries.len(), 6);
+        assert!(tree.unknown.is_empty());
+    }
 
     #[test]
     fn a_held_root_is_walked_and_hashed_after_its_path_becomes_a_symlink() {

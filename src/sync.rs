@@ -151,6 +151,11 @@ fn scan_both(
     let src_need = need(&src_tree, &dst.sizes);
     let dst_need = need(&dst_tree, &src.sizes);
     let src_fresh = scan::hash_files_in(source, &mut src_tree, &src_need);
+    // Hashing took the files' metadata afresh: compare it as the replica keeps it, as the merge did.
+    for &i in &src_need {
+        let meta = &mut src_tree.entries[i].1.meta;
+        meta.mtime = fs.keep(meta.mtime);
+    }
     let dst_fresh = match replica {
         Some(root) => scan::hash_files_in(root, &mut dst_tree, &dst_need),
         None => Vec::new(),

@@ -565,3 +565,88 @@ fn the_readme_exit_code_table_is_what_the_binary_does() {
     assert_eq!(v, Some(3));
     // 129, 130, 143: a second signal (see `a_second_signal_exits_at_once_with_128_plus_its_number`).
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 6: a replica filesystem that keeps whole seconds
+// ---------------------------------------------------------------------------------------------
+
+/// An ext4 image made with 128-byte inodes (whole-second timestamps), loop-mounted for as long
+/// as it lives.
+struct CoarseDisk {
+    mount: std::path::PathBuf,
+}
+
+impl CoarseDisk {
+    fn new(root: &Path) -> Option<CoarseDisk> {
+        if !is_root() {
+            return None;
+        }
+        let img = root.join("coarse.img");
+        let mount = root.join("coarse");
+        mkdir(&mount);
+        fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+        let made = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-I", "128"])
+            .arg(&img)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        let mounted = made
+            && Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mount)
+                .status()
+                .is_ok_and(|s| s.success());
+        mounted.then_some(CoarseDisk { mount })
+    }
+}
+
+impl Drop for CoarseDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mount).status();
+    }
+}
+
+#[test]
+fn a_replica_that_keeps_whole_seconds_settles_after_one_sync() {
+    let fx = Fixture::default();
+    let Some(disk) = CoarseDisk::new(&fx.root) else {
+        eprintln!("skipped: needs root, mkfs.ext4 and a loop device");
+        return;
+    };
+    let dst = disk.mount.join("d");
+    write(&fx.src.join("a"), "a");
+    write(&fx.src.join("sub/b"), "b");
+    symlink("a", &fx.src.join("l"));
+    set_mtime(&fx.src.join("a"), 981_173_106, 123_000_000);
+    set_mtime(&fx.src.join("sub/b"), 981_173_107, 999_999_999);
+    set_mtime(&fx.src.join("sub"), 981_173_108, 5);
+    let run = |sub: &str| fx.cmd().arg(sub).arg(&fx.src).arg(&dst).assert();
+    let first = parse_summary(&stderr_of(&run("sync").code(0)));
+    assert_eq!(first.created, 4);
+    let st = fs::symlink_metadata(dst.join("a")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (st.mtime(), st.mtime_nsec()),
+        (981_173_106, 0),
+        "not a coarse filesystem"
+    );
+    for _ in 0..2 {
+        let err = stderr_of(
+            &fx.cmd()
+                .args(["sync", "-v"])
+                .arg(&fx.src)
+                .arg(&dst)
+                .assert()
+                .code(0),
+        );
+        let s = parse_summary(&err);
+        assert_eq!(s, Summary::default(), "a second sync is not a no-op: {err}");
+        let a = run("status").code(0);
+        assert!(stdout_lines(&a).is_empty(), "{:?}", stdout_lines(&a));
+    }
+    // A real change is still seen: a new mtime in another second.
+    set_mtime(&fx.src.join("a"), 981_173_200, 0);
+    assert_eq!(stdout_lines(&run("status").code(0)), ["m a"]);
+}
