@@ -131,9 +131,10 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             })
         }
         Command::Watch { .. } => {
-            let failed =
+            let troubled =
                 dirsync::watch::watch(&cfg, &STOP, |r| finish_pass(&cfg, r, quiet, verbose))?;
-            Ok(if failed > 0 {
+            // The state it leaves: failures of earlier passes that a later one fixed are history.
+            Ok(if troubled {
                 ExitCode::Partial
             } else {
                 ExitCode::Success

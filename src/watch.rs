@@ -35,9 +35,9 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 const HEARTBEAT: Duration = Duration::from_secs(3600);
 
 /// Runs passes until `stop` is set; `each` sees the report of every pass that changed
-/// something or had errors. Returns the number of passes that had errors or were refused, and
-/// of pauses.
-pub fn watch(cfg: &Config, stop: &AtomicBool, mut each: impl FnMut(&Report)) -> Result<u64> {
+/// something or had errors. Returns whether the watch ended in trouble: its last pass had
+/// errors or was refused, or it was paused.
+pub fn watch(cfg: &Config, stop: &AtomicBool, mut each: impl FnMut(&Report)) -> Result<bool> {
     let mut session = Session::open(cfg)?;
     session.log_idle_passes(false);
     session.hold_replica()?;
@@ -46,7 +46,7 @@ pub fn watch(cfg: &Config, stop: &AtomicBool, mut each: impl FnMut(&Report)) -> 
         cfg: cfg.clone(),
         paused: None,
         idle: Idle::new(),
-        failed: 0,
+        troubled: false,
     };
     loop {
         let started = Instant::now();
@@ -61,13 +61,13 @@ pub fn watch(cfg: &Config, stop: &AtomicBool, mut each: impl FnMut(&Report)) -> 
             }
         }
         if stop.load(Ordering::Relaxed) {
-            return Ok(w.failed);
+            return Ok(w.troubled);
         }
         // Sleep in short steps so that a signal ends the wait at once.
         let until = started + w.cfg.interval;
         while Instant::now() < until {
             if stop.load(Ordering::Relaxed) {
-                return Ok(w.failed);
+                return Ok(w.troubled);
             }
             std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
         }
@@ -82,7 +82,8 @@ struct Watch {
     /// Why the watch is paused (already reported).
     paused: Option<String>,
     idle: Idle,
-    failed: u64,
+    /// Whether the last pass had errors or was refused, or the watch is paused.
+    troubled: bool,
 }
 
 impl Watch {
@@ -91,7 +92,7 @@ impl Watch {
         if self.paused.as_ref() != Some(&why) {
             log::error!("{why}");
             session.log_error(&why);
-            self.failed += 1;
+            self.troubled = true;
             self.paused = Some(why);
             self.idle.reset();
         }
@@ -126,9 +127,7 @@ impl Watch {
         match session.sync_from(fd.as_fd(), stop) {
             Ok(report) => {
                 self.source.ran(fd);
-                if report.error_count() > 0 {
-                    self.failed += 1;
-                }
+                self.troubled = report.error_count() > 0;
                 if report.is_idle() {
                     self.idle.pass(&self.cfg);
                 } else {
@@ -137,7 +136,7 @@ impl Watch {
                 }
             }
             Err(Error::Refused { msg }) => {
-                self.failed += 1;
+                self.troubled = true;
                 log::error!("{msg}; this pass changed nothing, watching on");
                 session.log_error(&msg);
                 self.idle.reset();

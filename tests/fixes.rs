@@ -650,3 +650,38 @@ fn a_replica_that_keeps_whole_seconds_settles_after_one_sync() {
     set_mtime(&fx.src.join("a"), 981_173_200, 0);
     assert_eq!(stdout_lines(&run("status").code(0)), ["m a"]);
 }
+
+/// `watch` stopped by a signal exits as the state it leaves: 3 while its last pass had
+/// failures, 0 once a later pass fixed them.
+#[test]
+fn watch_exits_with_the_state_of_its_last_pass() {
+    let fx = Fixture::default();
+    mkdir(&fx.src.join("locked"));
+    write(&fx.src.join("a"), "a");
+    fx.sync().code(0);
+    write(&fx.src.join("locked/new"), "n");
+    let Some(guard) = Immutable::set(&fx.dst.join("locked")) else {
+        eprintln!("skipped: the filesystem has no immutable attribute");
+        return;
+    };
+    let watch = |until: &dyn Fn(&str) -> bool| {
+        let mut cmd = fx.std_cmd();
+        cmd.args(["watch", "--interval", "200ms"])
+            .arg(&fx.src)
+            .arg(&fx.dst);
+        let err = fx.root.join("watch.err");
+        let mut bg = Background::spawn(cmd, &err);
+        assert!(wait_until(Duration::from_secs(20), || until(&bg.stderr())));
+        bg.signal(Signal::TERM);
+        let st = bg
+            .wait_timeout(Duration::from_secs(20))
+            .expect("watch ends");
+        (st.code(), bg.stderr())
+    };
+    let (code, err) = watch(&|e| e.contains("cannot copy locked/new"));
+    assert_eq!(code, Some(3), "{err}");
+    drop(guard);
+    let (code, err) = watch(&|e| e.contains("synced: 1 created"));
+    assert_eq!(code, Some(0), "{err}");
+    assert_mirror(&fx.src, &fx.dst);
+}
