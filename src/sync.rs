@@ -151,10 +151,12 @@ fn scan_both(
     let src_need = need(&src_tree, &dst.sizes);
     let dst_need = need(&dst_tree, &src.sizes);
     let src_fresh = scan::hash_files_in(source, &mut src_tree, &src_need);
-    // Hashing took the files' metadata afresh: compare it as the replica keeps it, as the merge did.
-    for &i in &src_need {
-        let meta = &mut src_tree.entries[i].1.meta;
-        meta.mtime = fs.keep(meta.mtime);
+    // Hashing took the files' metadata afresh (and dropped files that vanished): compare it as
+    // the replica keeps it, as the merge did.
+    if fs.mtime_grain_ns > 1 {
+        for (_, e) in &mut src_tree.entries {
+            e.meta.mtime = fs.keep(e.meta.mtime);
+        }
     }
     let dst_fresh = match replica {
         Some(root) => scan::hash_files_in(root, &mut dst_tree, &dst_need),
