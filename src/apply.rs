@@ -54,6 +54,8 @@ pub struct Outcome {
     pub disk_full: bool,
     /// The replica's filesystem is read-only; the run stopped at the first write it refused.
     pub read_only: bool,
+    /// The index's filesystem ran out of space; the run stopped there.
+    pub index_full: bool,
 }
 
 /// Counts of applied changes, one per status [`Code`].
@@ -747,7 +749,7 @@ pub fn apply(
         let msg = e.to_string();
         log::error!("{msg}");
         log.error(&msg);
-        out.disk_full |= matches!(e, crate::error::Error::IndexFull { .. });
+        out.index_full |= matches!(e, crate::error::Error::IndexFull { .. });
         out.errors.push((RelPath::root(), msg));
     }
     Ok(out)

@@ -244,9 +244,12 @@ pub fn file_outside(given: &Path, roots: &Roots, what: &str) -> Result<PathBuf> 
             } else {
                 format!(" (which leads to {})", file.display())
             };
+            let fate = match name {
+                "source" => "it would be copied into the replica with the tree",
+                _ => "the sync would delete or overwrite it, as anything not in the source",
+            };
             return Err(bad(format!(
-                "the {what} {}{resolved} is inside the {name} {}; it would be synced along with \
-                 the tree; put it elsewhere",
+                "the {what} {}{resolved} is inside the {name} {}; {fate}; put it elsewhere",
                 given.display(),
                 root.display()
             )));

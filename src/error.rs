@@ -40,6 +40,12 @@ pub enum Error {
     IndexDamaged { path: PathBuf, why: String },
 
     #[error(
+        "the index {path} was left open by a run that was stopped abruptly (killed, or a second \
+         signal) and needs a repair, which only a writer can make; the next `dirsync sync` makes it"
+    )]
+    IndexNeedsRepair { path: PathBuf },
+
+    #[error(
         "the index {path} cannot be written: no space left on the filesystem holding it; free \
          space there and run again (what was already synced stays in place)"
     )]

@@ -639,9 +639,9 @@ impl ReadIndex {
         }
         guarded(path, || {
             let db = builder().open_read_only(path).map_err(|e| match e {
-                DatabaseError::RepairAborted => {
-                    damaged(path, "it needs a repair; run `dirsync sync` once")
-                }
+                DatabaseError::RepairAborted => Error::IndexNeedsRepair {
+                    path: path.to_path_buf(),
+                },
                 other => ierr(path, other),
             })?;
             let source_cached = check_read_only(path, &db, roots)?;

@@ -204,7 +204,10 @@ pub struct Windows {
 
 impl Windows {
     pub fn for_entry(&self, e: &Entry) -> i128 {
-        if e.fp.dev == self.root_dev {
+        // Whole-second stamps (ext4 with 128-byte inodes says EXT4 too) are coarse whatever the
+        // filesystem type: a fine clock gives both zero nanoseconds once in a billion.
+        let coarse = e.fp.mtime.nsec == 0 && e.fp.ctime.nsec == 0;
+        if e.fp.dev == self.root_dev && !coarse {
             self.root_ns
         } else {
             crate::entry::RACY_WINDOW_NS
@@ -379,11 +382,31 @@ impl Walker<'_> {
                 self.node(dfd, child, &stats[item.stat as usize]);
                 continue;
             }
-            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-            match rfs::openat(dfd, child.name_os(), flags, Mode::empty()) {
+            match self.open_subdir(dfd, &child) {
                 Ok(fd) => self.dir(fd, &child),
-                Err(e) => self.problem(child, io_err(e)),
+                Err(e) => self.problem(child, e),
             }
+        }
+    }
+
+    /// Opens a directory of the listing `dfd` to walk it. On the replica side a filesystem
+    /// mounted inside the tree (a bind mount too) is not entered: it is not the replica's, so it
+    /// is a problem, unknown, and nothing at or below it is removed or written.
+    fn open_subdir(&self, dfd: BorrowedFd, child: &RelPath) -> io::Result<OwnedFd> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        if self.side == Side::Source {
+            return rfs::openat(dfd, child.name_os(), flags, Mode::empty()).map_err(io_err);
+        }
+        let resolve = rustix::fs::ResolveFlags::NO_XDEV | rustix::fs::ResolveFlags::NO_SYMLINKS;
+        match rfs::openat2(dfd, child.name_os(), flags, Mode::empty(), resolve) {
+            Err(rustix::io::Errno::XDEV) => Err(io::Error::other(
+                "another filesystem is mounted here inside the replica; it is left alone \
+                 (unmount it, or mount it elsewhere)",
+            )),
+            Err(rustix::io::Errno::NOSYS) => {
+                rfs::openat(dfd, child.name_os(), flags, Mode::empty()).map_err(io_err)
+            }
+            other => other.map_err(io_err),
         }
     }
 

@@ -86,6 +86,8 @@ impl Report {
                 "the replica's filesystem is full"
             } else if self.outcome.read_only {
                 "the replica's filesystem is read-only"
+            } else if self.outcome.index_full {
+                "the index's filesystem is full"
             } else {
                 "see the errors above"
             };
@@ -200,8 +202,9 @@ fn make_plan(cfg: &Config, s: &mut Scanned, snapshot: &Snapshot) -> Result<Plan>
 }
 
 fn draft_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Draft> {
+    // Unknown on either side (unreadable, or a mount inside the replica): left as it is.
     let changes = diff(&s.src.entries, &s.dst.entries, cfg.owners, &|p| {
-        s.src.is_unknown(p)
+        s.src.is_unknown(p) || s.dst.is_unknown(p)
     });
     let kept_hashes: HashSet<Hash> = s
         .dst
@@ -272,7 +275,14 @@ pub fn status(cfg: &Config) -> Result<Report> {
     let index = if cfg.reindex {
         ReadIndex::empty(&cfg.index)
     } else {
-        ReadIndex::open(&cfg.index, &roots)?
+        match ReadIndex::open(&cfg.index, &roots) {
+            // Read-only, it cannot be repaired: plan without it, as a `--reindex` would.
+            Err(e @ Error::IndexNeedsRepair { .. }) => {
+                log::warn!("{e}; planned without it (every file is hashed)");
+                ReadIndex::empty(&cfg.index)
+            }
+            other => other?,
+        }
     };
     let snapshot = index.snapshot()?;
     let fs = recorded_fs(index.meta_value(FS_TRAITS)?);

@@ -685,3 +685,157 @@ fn watch_exits_with_the_state_of_its_last_pass() {
     assert_eq!(code, Some(0), "{err}");
     assert_mirror(&fx.src, &fx.dst);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Found by trying the fixed binary as a hostile user
+// ---------------------------------------------------------------------------------------------
+
+/// A bind mount of `what` at `at`, undone when the test ends.
+struct Bind(std::path::PathBuf);
+
+impl Bind {
+    fn new(what: &Path, at: &Path) -> Option<Bind> {
+        let ok = is_root()
+            && Command::new("mount")
+                .arg("--bind")
+                .arg(what)
+                .arg(at)
+                .status()
+                .is_ok_and(|s| s.success());
+        ok.then(|| Bind(at.to_path_buf()))
+    }
+}
+
+impl Drop for Bind {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_filesystem_mounted_inside_the_replica_is_never_entered_or_emptied() {
+    let fx = Fixture::default();
+    write(&fx.src.join("p"), "precious");
+    write(&fx.src.join("sub/s"), "s");
+    fx.sync().code(0);
+    let other = fx.root.join("other");
+    write(&other.join("o"), "o");
+    mkdir(&fx.dst.join("mnt"));
+    mkdir(&fx.dst.join("m2"));
+    let Some(_src_bind) = Bind::new(&fx.src, &fx.dst.join("mnt")) else {
+        eprintln!("skipped: needs root for bind mounts");
+        return;
+    };
+    let _other_bind = Bind::new(&other, &fx.dst.join("m2")).unwrap();
+    let (src_before, other_before) = (snapshot(&fx.src), snapshot(&other));
+    for _ in 0..2 {
+        let a = fx.sync().code(3);
+        let err = stderr_of(&a);
+        assert!(err.contains("mounted here inside the replica"), "{err}");
+        assert_unchanged(
+            &src_before,
+            &snapshot(&fx.src),
+            "the source, mounted in the replica",
+        );
+        assert_unchanged(
+            &other_before,
+            &snapshot(&other),
+            "a filesystem mounted in the replica",
+        );
+    }
+    let lines = stdout_lines(&fx.status().code(3));
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.contains("mnt") && !l.contains("m2")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn an_edit_within_the_same_second_on_a_coarse_source_is_seen() {
+    let fx = Fixture::default();
+    let Some(disk) = CoarseDisk::new(&fx.root) else {
+        eprintln!("skipped: needs root, mkfs.ext4 and a loop device");
+        return;
+    };
+    let src = disk.mount.join("src");
+    let run = || fx.cmd().arg("sync").arg(&src).arg(&fx.dst).assert().code(0);
+    for round in 0..10u8 {
+        let a = [b'a' + round; 4];
+        let b = [b'A' + round; 4];
+        write(&src.join("f"), a);
+        run();
+        write(&src.join("f"), b);
+        run();
+        assert_eq!(
+            fs::read(fx.dst.join("f")).unwrap(),
+            b,
+            "round {round}: the edit was missed"
+        );
+    }
+}
+
+#[test]
+fn status_after_a_killed_sync_plans_without_the_index() {
+    let fx = Fixture::default();
+    for i in 0..50 {
+        write(&fx.src.join(format!("f{i}")), format!("{i}"));
+    }
+    let st = fx
+        .std_cmd()
+        .arg("sync")
+        .arg(&fx.src)
+        .arg(&fx.dst)
+        .env("DIRSYNC_FAULT_KILL_AFTER", "10")
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), None, "the fault hook kills the sync");
+    let a = fx.status().code(0);
+    assert!(
+        stderr_of(&a).contains("needs a repair"),
+        "{}",
+        stderr_of(&a)
+    );
+    assert!(
+        !stdout_lines(&a).is_empty(),
+        "the rest of the sync is still to do"
+    );
+    fx.run("sync", &["-n"]).code(0);
+    fx.sync().code(0);
+    fx.assert_up_to_date();
+    assert_mirror(&fx.src, &fx.dst);
+}
+
+#[test]
+fn a_full_index_filesystem_is_not_blamed_on_the_replica() {
+    let fx = Fixture::default();
+    for i in 0..3000 {
+        write(&fx.src.join(format!("d{}/f{i}", i % 30)), format!("{i}"));
+    }
+    let state = fx.root.join("tiny-state");
+    mkdir(&state);
+    let mounted = is_root()
+        && Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=600k", "tmpfs"])
+            .arg(&state)
+            .status()
+            .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: needs root for a small tmpfs");
+        return;
+    }
+    let _m = Mounted(state.clone());
+    let out = Command::new(dirsync_bin())
+        .arg("sync")
+        .arg(&fx.src)
+        .arg(&fx.dst)
+        .env("XDG_STATE_HOME", &state)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("(the index's filesystem is full)"), "{err}");
+    assert!(!err.contains("the replica's filesystem is full"), "{err}");
+}

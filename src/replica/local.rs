@@ -306,8 +306,11 @@ impl LocalReplica {
 
     fn open_dir(&self, path: &RelPath) -> io::Result<Dir<'_>> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-        let resolve =
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+        // Never through a filesystem mounted inside the replica (`EXDEV`): it is not ours.
+        let resolve = ResolveFlags::BENEATH
+            | ResolveFlags::NO_SYMLINKS
+            | ResolveFlags::NO_MAGICLINKS
+            | ResolveFlags::NO_XDEV;
         match rfs::openat2(&self.root, path.as_os_str(), flags, Mode::empty(), resolve) {
             Ok(fd) => Ok(Dir::Owned(fd)),
             Err(rustix::io::Errno::NOSYS) => self.dir_by_components(path),
