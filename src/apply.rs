@@ -747,8 +747,7 @@ pub fn apply(
     rec.flush();
     if let Some(e) = rec.failed.take() {
         let msg = e.to_string();
-        log::error!("{msg}");
-        log.error(&msg);
+        log.problem(&msg);
         out.index_full |= matches!(e, crate::error::Error::IndexFull { .. });
         out.errors.push((RelPath::root(), msg));
     }
@@ -818,8 +817,7 @@ impl Outcome {
                 };
                 // One message for a full or read-only disk, however many writes were under way.
                 if !(halt.is_some() && self.halted()) {
-                    log::error!("{msg}");
-                    log.error(&msg);
+                    log.problem(&msg);
                     self.errors.push((path, msg));
                 }
                 self.disk_full |= halt == Some(Halt::Full);

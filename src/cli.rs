@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use dirsync::config::{self, Config};
 use dirsync::error::Result;
-use dirsync::watch::MIN_INTERVAL;
+use dirsync::watch::{MAX_INTERVAL, MIN_INTERVAL};
 
 /// Keep a replica directory an exact, up-to-date copy of a source directory.
 ///
@@ -128,6 +128,13 @@ fn interval(text: &str) -> std::result::Result<Duration, String> {
             humantime::format_duration(MIN_INTERVAL)
         ));
     }
+    if d > MAX_INTERVAL {
+        return Err(format!(
+            "interval {text} is too long; use at most {} (a periodic job is better run by cron \
+             or a systemd timer with `dirsync sync`)",
+            humantime::format_duration(MAX_INTERVAL)
+        ));
+    }
     Ok(d)
 }
 
@@ -191,6 +198,9 @@ mod tests {
             );
         }
         assert_eq!(interval("100ms"), Ok(MIN_INTERVAL));
+        assert_eq!(interval("7days"), Ok(MAX_INTERVAL));
+        assert!(interval("8days").is_err());
+        assert!(interval("300000000000y").is_err());
         assert!(interval("soon").is_err());
     }
 }

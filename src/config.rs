@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::nesting::{Place, existing_prefix};
+use crate::nesting::{DirId, Place, existing_prefix};
 
 /// The two trees of a sync, as canonical absolute paths.
 #[derive(Clone, Debug)]
@@ -18,6 +18,40 @@ pub struct Roots {
     pub replica: PathBuf,
     /// False when the replica directory does not exist yet (`sync` creates it).
     pub replica_exists: bool,
+    /// The directories the checks above were made on: a root opened later must be one of these
+    /// (see [`Roots::check_source`]), or a swap between the check and the use would go unseen.
+    pub source_id: DirId,
+    pub replica_id: Option<DirId>,
+}
+
+impl Roots {
+    /// Fails unless the source root opened as `fd` is the directory that was checked.
+    pub fn check_source(&self, fd: std::os::fd::BorrowedFd) -> Result<()> {
+        check_id(fd, self.source_id, &self.source, "source")
+    }
+
+    /// Fails unless the replica root opened as `fd` is the directory that was checked (when one
+    /// existed then).
+    pub fn check_replica(&self, fd: std::os::fd::BorrowedFd) -> Result<()> {
+        match self.replica_id {
+            Some(id) => check_id(fd, id, &self.replica, "replica"),
+            None => Ok(()),
+        }
+    }
+}
+
+fn check_id(fd: std::os::fd::BorrowedFd, want: DirId, path: &Path, what: &str) -> Result<()> {
+    let st = rustix::fs::fstat(fd).map_err(|e| Error::io(path, e.into()))?;
+    if (st.st_dev, st.st_ino) == (want.dev, want.ino) {
+        return Ok(());
+    }
+    Err(Error::Refused {
+        msg: format!(
+            "the {what} {} is another directory than the one checked a moment ago (replaced or \
+             swapped meanwhile); nothing was changed; run again once it stays put",
+            path.display()
+        ),
+    })
 }
 
 /// Everything a command needs, validated.
@@ -78,24 +112,28 @@ pub fn resolve_roots(src: &Path, dst: &Path) -> Result<Roots> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => (canonical_missing(dst)?, false),
         Err(e) => return Err(Error::io(dst, e)),
     };
-    check_apart(src, dst, &source, &replica, replica_exists)?;
+    let (source_id, replica_id) = check_apart(src, dst, &source, &replica, replica_exists)?;
     Ok(Roots {
         source,
         source_arg: std::path::absolute(src).map_err(|e| Error::io(src, e))?,
         replica,
         replica_exists,
+        source_id,
+        replica_id: replica_exists.then_some(replica_id),
     })
 }
 
 /// Refuses roots that are one directory, or one inside the other, however they are reached:
 /// see [`Place`]. A missing replica is inside the source when its deepest existing ancestor is.
+/// Returns the identities of the source and of the replica (or its deepest existing ancestor)
+/// that were checked.
 fn check_apart(
     src: &Path,
     dst: &Path,
     source: &Path,
     replica: &Path,
     replica_exists: bool,
-) -> Result<()> {
+) -> Result<(DirId, DirId)> {
     let src_place = Place::of(source).map_err(|e| Error::io(source, e))?;
     let (base, _) = existing_prefix(replica);
     let dst_place = Place::of(base).map_err(|e| Error::io(base, e))?;
@@ -125,7 +163,7 @@ fn check_apart(
             through_mount(source, replica)
         )));
     }
-    Ok(())
+    Ok((src_place.id(), dst_place.id()))
 }
 
 /// Says how `inner` can be inside `outer` when their canonical paths do not show it.

@@ -40,8 +40,9 @@ pub enum Error {
     IndexDamaged { path: PathBuf, why: String },
 
     #[error(
-        "the index {path} was left open by a run that was stopped abruptly (killed, or a second \
-         signal) and needs a repair, which only a writer can make; the next `dirsync sync` makes it"
+        "the index {path} was not closed cleanly (a run was killed, got a second signal, or \
+         ran out of disk space for it) and needs a repair, which only a writer can make; the \
+         next `dirsync sync` makes it"
     )]
     IndexNeedsRepair { path: PathBuf },
 

@@ -11,6 +11,10 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the data flow, the index schema and the invariants.
 
+// Output goes through writes that report failure: `println!`/`eprintln!` panic on a closed
+// or full stream, which would end a sync halfway and leave its index needing a repair.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
+
 pub mod apply;
 pub mod config;
 pub mod diff;

@@ -1,6 +1,10 @@
 //! The `dirsync` binary: parses arguments, sets up logging and signals, runs a command, and maps
 //! the outcome to an exit code (see [`ExitCode`]).
 
+// Output goes through writes that report failure: `println!`/`eprintln!` panic on a closed
+// or full stream, which would end a sync halfway and leave its index needing a repair.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
+
 mod cli;
 
 use std::io::Write;
@@ -123,7 +127,12 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
                 (true, false) => Repair::Yes,
             };
             let v = dirsync::verify::verify(&cfg, mode, &STOP)?;
-            print_verified(&v, quiet);
+            if let Err(e) = print_verified(&v, quiet) {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    say!("dirsync: error: cannot write the output: {e}");
+                }
+                return Ok(ExitCode::Fatal);
+            }
             Ok(if v.is_good() {
                 ExitCode::Success
             } else {
@@ -198,21 +207,30 @@ fn stdout_was_closed() -> bool {
     is_null && (fl & OFlags::RWMODE) == OFlags::RDWR
 }
 
-fn print_verified(v: &Verified, quiet: bool) {
+/// Prints what `verify` found; `Err` when its list could not be written (then the command
+/// fails: a script must not take a cut list for the whole one).
+fn print_verified(v: &Verified, quiet: bool) -> std::io::Result<()> {
     for e in &v.errors {
-        eprintln!("dirsync: error: {e}");
+        say!("dirsync: error: {e}");
+    }
+    if stdout_was_closed() && !v.differences.is_empty() {
+        return Err(std::io::Error::other("standard output is closed"));
     }
     let mut out = std::io::stdout().lock();
+    let mut written = Ok(());
     for d in &v.differences {
         if let Some(e) = d.error() {
-            eprintln!("dirsync: error: {e}");
+            say!("dirsync: error: {e}");
         }
-        let _ = writeln!(out, "{}", d.line());
+        if written.is_ok() {
+            written = writeln!(out, "{}", d.line());
+        }
     }
-    let _ = out.flush();
+    let written = written.and_then(|_| out.flush());
     if !quiet {
-        eprintln!("{}", v.summary());
+        say!("{}", v.summary());
     }
+    written
 }
 
 fn print_problems(report: &Report) {

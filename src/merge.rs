@@ -173,10 +173,22 @@ pub fn scan(
     let dst_cursor = snapshot.cursor(Table::Replica)?;
     let (src_tx, src_rx) = sync_channel(DEPTH);
     let (dst_tx, dst_rx) = sync_channel(DEPTH);
+    // The source walk never enters the replica (a mount can show it there).
+    let replica_id = replica
+        .and_then(|r| rustix::fs::fstat(r.fd).ok())
+        .map(|st| (st.st_dev, st.st_ino));
     std::thread::scope(|s| {
-        let src = s.spawn(move || walk_side(source, scan::Side::Source, src_cursor, src_tx, fs));
+        let src = s.spawn(move || {
+            walk_side(
+                source,
+                scan::Side::Source,
+                src_cursor,
+                src_tx,
+                (fs, replica_id),
+            )
+        });
         let dst = s.spawn(move || match replica {
-            Some(root) => walk_side(root, scan::Side::Replica, dst_cursor, dst_tx, fs),
+            Some(root) => walk_side(root, scan::Side::Replica, dst_cursor, dst_tx, (fs, None)),
             None => missing_side(dst_cursor),
         });
         let mut merged = join(Stream::new(src_rx), Stream::new(dst_rx), owners);
@@ -202,7 +214,7 @@ fn walk_side(
     side: scan::Side,
     mut cursor: Cursor,
     tx: SyncSender<Batch>,
-    fs: FsTraits,
+    (fs, avoid): (FsTraits, Option<(u64, u64)>),
 ) -> Result<(Tree, Vec<(RelPath, Entry)>)> {
     let mut stale = Vec::new();
     let mut failed = None;
@@ -237,7 +249,7 @@ fn walk_side(
         }
     };
     let fold = side == scan::Side::Source && fs.case_insensitive;
-    let tree = scan::walk_folding(root, side, fold, &mut sink);
+    let tree = scan::walk_avoiding(root, side, (fold, avoid), &mut sink);
     if let Some(e) = failed {
         return Err(e);
     }

@@ -1,6 +1,7 @@
 //! The operation log (`--log-file`): one line per applied operation and one summary line per
 //! pass, each with an RFC 3339 UTC timestamp, appended.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -17,6 +18,10 @@ use crate::plan::Op;
 pub struct OpLog {
     file: Option<File>,
     failed: bool,
+    /// Problems reported in this pass, and in the one before: a problem that the previous pass
+    /// reported too is not said again (a `watch` retrying the same failure every second).
+    said: HashSet<String>,
+    said_before: HashSet<String>,
 }
 
 impl OpLog {
@@ -37,6 +42,8 @@ impl OpLog {
         Ok(OpLog {
             file,
             failed: false,
+            said: HashSet::new(),
+            said_before: HashSet::new(),
         })
     }
 
@@ -65,6 +72,31 @@ impl OpLog {
             other => format!("{} {}", letter(other), other.target()),
         };
         self.line(&text);
+    }
+
+    /// Starts a pass: what the last one reported becomes what is not said again.
+    pub fn new_pass(&mut self) {
+        self.said_before = std::mem::take(&mut self.said);
+    }
+
+    /// Reports a problem on stderr and in the log file, unless the previous pass did.
+    pub fn problem(&mut self, msg: &str) {
+        if self.is_new(msg) {
+            log::error!("{msg}");
+            self.error(msg);
+        }
+    }
+
+    /// [`OpLog::problem`] for one the caller says on stderr itself: the log file only.
+    pub fn logged_problem(&mut self, msg: &str) {
+        if self.is_new(msg) {
+            self.error(msg);
+        }
+    }
+
+    fn is_new(&mut self, msg: &str) -> bool {
+        self.said.insert(msg.to_string());
+        !self.said_before.contains(msg)
     }
 
     pub fn error(&mut self, msg: &str) {

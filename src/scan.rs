@@ -149,10 +149,23 @@ pub fn walk_folding(
     fold_case: bool,
     sink: &mut dyn FnMut(&Windows, RelPath, Entry),
 ) -> Tree {
+    walk_avoiding(root, side, (fold_case, None), sink)
+}
+
+/// [`walk_folding`] that also never enters the directory `avoid` (device, inode): the replica,
+/// when a mount shows it inside the source, where a sync would copy the replica into itself,
+/// one level deeper every pass. It is a problem and unknown, like an unreadable directory.
+pub fn walk_avoiding(
+    root: Root,
+    side: Side,
+    (fold_case, avoid): (bool, Option<(u64, u64)>),
+    sink: &mut dyn FnMut(&Windows, RelPath, Entry),
+) -> Tree {
     let mut w = Walker {
         tree: Tree::default(),
         side,
         fold_case,
+        avoid,
         root: root.path,
         seen: Time::now(),
         leaders: HashMap::new(),
@@ -303,6 +316,8 @@ struct Walker<'a> {
     side: Side,
     /// See [`walk_folding`].
     fold_case: bool,
+    /// See [`walk_avoiding`].
+    avoid: Option<(u64, u64)>,
     root: &'a Path,
     seen: Time,
     /// The first path (in canonical order) of each file with more than one link.
@@ -380,6 +395,15 @@ impl Walker<'_> {
             let child = rel.join(item.name(&names));
             if !item.subtree {
                 self.node(dfd, child, &stats[item.stat as usize]);
+                continue;
+            }
+            let st = &stats[item.stat as usize];
+            if self.avoid == Some((st.st_dev, st.st_ino)) {
+                let e = io::Error::other(
+                    "this is the replica, shown inside the source by a mount; it is not copied \
+                     into itself (unmount it, or mount it elsewhere)",
+                );
+                self.problem(child, e);
                 continue;
             }
             match self.open_subdir(dfd, &child) {

@@ -287,8 +287,12 @@ pub fn status(cfg: &Config) -> Result<Report> {
     let snapshot = index.snapshot()?;
     let fs = recorded_fs(index.meta_value(FS_TRAITS)?);
     let source = open_source(&cfg.roots.source)?;
+    cfg.roots.check_source(source.as_fd())?;
     // Read-only: the replica is held for the scan, not locked.
     let replica = ReplicaRoot::open(&cfg.roots.replica).map_err(|e| Error::io(roots.replica, e))?;
+    if let Some(r) = &replica {
+        cfg.roots.check_replica(r.fd())?;
+    }
     let roots = (
         source_root(cfg, source.as_fd()),
         replica.as_ref().map(replica_root),
@@ -374,6 +378,7 @@ impl Session {
         let path = &cfg.roots.replica;
         let root = ReplicaRoot::open(path).map_err(|e| Error::io(path, e))?;
         if let Some(root) = &root {
+            cfg.roots.check_replica(root.fd())?;
             lock(root)?;
         }
         Self::open_index(cfg, root, OpLog::open(cfg.log_file.as_deref())?)
@@ -474,6 +479,9 @@ impl Session {
     /// `cfg.roots.source` named when the caller checked it).
     pub fn sync_from(&mut self, source: BorrowedFd, stop: &AtomicBool) -> Result<Report> {
         let start = Instant::now();
+        // The directory scanned is the one the checks were made on, not what the path names now.
+        self.cfg.roots.check_source(source)?;
+        self.log.new_pass();
         self.hold_replica()?;
         let cfg = &self.cfg;
         let held = self.root.as_ref().expect("held above");
@@ -514,7 +522,7 @@ impl Session {
         };
         describe_problems(&mut report, &s);
         for e in &report.scan_errors {
-            self.log.error(e);
+            self.log.logged_problem(e);
         }
         report.elapsed = start.elapsed();
         if self.log_idle || !report.is_idle() {

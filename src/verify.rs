@@ -186,6 +186,7 @@ pub fn verify(cfg: &Config, mode: Repair, stop: &AtomicBool) -> Result<Verified>
             });
         }
     };
+    cfg.roots.check_replica(held.fd())?;
     let root = Root {
         path: dst,
         fd: held.fd(),

@@ -31,6 +31,9 @@ use crate::sync::{Report, Session};
 /// The shortest interval between the starts of two passes.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
+/// The longest: a week.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// At most one heartbeat line per this much idle time.
 const HEARTBEAT: Duration = Duration::from_secs(3600);
 
@@ -47,6 +50,7 @@ pub fn watch(cfg: &Config, stop: &AtomicBool, mut each: impl FnMut(&Report)) -> 
         paused: None,
         idle: Idle::new(),
         troubled: false,
+        last_problems: Vec::new(),
     };
     loop {
         let started = Instant::now();
@@ -84,6 +88,15 @@ struct Watch {
     idle: Idle,
     /// Whether the last pass had errors or was refused, or the watch is paused.
     troubled: bool,
+    /// What the last pass reported as problems, to say a repeated failure only once.
+    last_problems: Vec<String>,
+}
+
+/// Every problem a pass reports, in order.
+fn problems_of(report: &Report) -> Vec<String> {
+    let scan = report.scan_errors.iter().cloned();
+    let applied = report.outcome.errors.iter().map(|(_, msg)| msg.clone());
+    scan.chain(applied).collect()
 }
 
 impl Watch {
@@ -128,7 +141,14 @@ impl Watch {
             Ok(report) => {
                 self.source.ran(fd);
                 self.troubled = report.error_count() > 0;
-                if report.is_idle() {
+                // A pass that only fails again as the last one did says nothing new: it is
+                // reported once, then counted with the idle passes until something changes.
+                let problems = problems_of(&report);
+                let repeated = report.outcome.done.total() == 0
+                    && !problems.is_empty()
+                    && problems == self.last_problems;
+                self.last_problems = problems;
+                if report.is_idle() || repeated {
                     self.idle.pass(&self.cfg);
                 } else {
                     each(&report);

@@ -839,3 +839,66 @@ fn a_full_index_filesystem_is_not_blamed_on_the_replica() {
     assert!(err.contains("(the index's filesystem is full)"), "{err}");
     assert!(!err.contains("the replica's filesystem is full"), "{err}");
 }
+
+#[test]
+fn a_watch_says_a_repeated_failure_once() {
+    let fx = Fixture::default();
+    mkdir(&fx.src.join("locked"));
+    fx.sync().code(0);
+    write(&fx.src.join("locked/new"), "n");
+    let Some(_guard) = Immutable::set(&fx.dst.join("locked")) else {
+        eprintln!("skipped: the filesystem has no immutable attribute");
+        return;
+    };
+    let mut cmd = fx.std_cmd();
+    cmd.args(["watch", "--interval", "100ms"])
+        .arg(&fx.src)
+        .arg(&fx.dst);
+    let mut bg = Background::spawn(cmd, &fx.root.join("watch.err"));
+    sleep(Duration::from_millis(1500));
+    bg.signal(Signal::TERM);
+    bg.wait_timeout(Duration::from_secs(20))
+        .expect("watch ends");
+    let err = bg.stderr();
+    let copies = err.matches("cannot copy locked/new").count();
+    assert_eq!(copies, 1, "{err}");
+    // One summary of the failing pass; the pass SIGTERM interrupted may add its own.
+    assert_eq!(err.matches("2 errors in").count(), 1, "{err}");
+}
+
+#[test]
+fn the_replica_shown_inside_the_source_by_a_mount_is_not_copied_into_itself() {
+    let fx = Fixture::default();
+    write(&fx.src.join("a"), "a");
+    fx.sync().code(0);
+    mkdir(&fx.src.join("m"));
+    let Some(_b) = Bind::new(&fx.dst, &fx.src.join("m")) else {
+        eprintln!("skipped: needs root for bind mounts");
+        return;
+    };
+    for _ in 0..3 {
+        let err = stderr_of(&fx.sync().code(3));
+        assert!(err.contains("this is the replica"), "{err}");
+    }
+    assert!(
+        !fx.dst.join("m/m").exists(),
+        "the replica was copied into itself"
+    );
+    assert!(
+        !fx.dst.join("m/a").exists(),
+        "the replica was copied into itself"
+    );
+}
+
+#[test]
+fn intervals_are_at_most_a_week() {
+    let fx = Fixture::default();
+    for bad in ["8days", "300000000000y", "18446744073709551615s"] {
+        let a = fx.run("watch", &["--interval", bad]).code(2);
+        assert!(
+            stderr_of(&a).contains("interval"),
+            "{bad}: {}",
+            stderr_of(&a)
+        );
+    }
+}
