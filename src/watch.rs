@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
+use crate::nesting::DirId;
 use crate::replica::root::ReplicaRoot;
 use crate::scan;
 use crate::sync::{Report, Session};
@@ -113,11 +114,19 @@ impl Watch {
 
     /// The source link now resolves elsewhere: that is the source from now on.
     fn adopt(&mut self, new: Config) {
-        log::warn!(
-            "source {} now resolves to {}; mirroring it",
-            self.source.arg.display(),
-            new.roots.source.display()
-        );
+        if new.roots.source == self.source.resolved {
+            log::warn!(
+                "source {} is another directory than the one checked at the start (a disk \
+                 mounted since?); checked again, mirroring it",
+                self.source.arg.display()
+            );
+        } else {
+            log::warn!(
+                "source {} now resolves to {}; mirroring it",
+                self.source.arg.display(),
+                new.roots.source.display()
+            );
+        }
         self.source.adopt(new.roots.source.clone());
         self.cfg = new;
     }
@@ -187,7 +196,7 @@ fn check(session: &Session, source: &Source, cfg: &Config) -> Result<Ready> {
             replica.path().display()
         )));
     }
-    let (fd, target) = match source.check() {
+    let (fd, target) = match source.check(cfg.roots.source_id) {
         Ok(found) => found,
         Err(why) => return Ok(Ready::Paused(why)),
     };
@@ -243,7 +252,9 @@ impl Source {
 
     /// Opens the source root for a pass. Returns it, and the new target when a source link
     /// now resolves elsewhere; or why the watch pauses.
-    fn check(&self) -> std::result::Result<(OwnedFd, Option<PathBuf>), String> {
+    /// `checked`: the source directory the configuration was validated with; another one, not
+    /// yet synced from, is validated again before a pass runs from it (as a new target).
+    fn check(&self, checked: DirId) -> std::result::Result<(OwnedFd, Option<PathBuf>), String> {
         let paused = |what: &str| {
             format!(
                 "source {} {what}; paused, resuming when it is back",
@@ -274,6 +285,9 @@ impl Source {
         }
         if self.pinned.is_some_and(|p| p != id) {
             return Err(paused("was replaced by another directory (unmounted?)"));
+        }
+        if id != (checked.dev, checked.ino) {
+            return Ok((fd, Some(resolved)));
         }
         Ok((fd, None))
     }

@@ -902,3 +902,52 @@ fn intervals_are_at_most_a_week() {
         );
     }
 }
+
+/// The roots are used as they were checked: a directory swapped in at SRC or DST between the
+/// checks and the pass (here, a directory inside the replica moved to SRC's path) is refused.
+#[test]
+fn roots_swapped_after_their_checks_are_refused() {
+    use dirsync::config::{self, Config};
+    use dirsync::sync::{self as dsync, Session};
+    use std::sync::atomic::AtomicBool;
+
+    let fx = Fixture::default();
+    write(&fx.src.join("a"), "a");
+    write(&fx.dst.join("inner/i"), "i");
+    let cfg = Config {
+        index: fx.root.join("index.redb"),
+        roots: config::resolve_roots(&fx.src, &fx.dst).unwrap(),
+        log_file: None,
+        reindex: false,
+        allow_empty_source: false,
+        max_delete: None,
+        owners: false,
+        interval: Duration::ZERO,
+    };
+    let before = snapshot(&fx.dst);
+    fs::rename(&fx.src, fx.root.join("src.old")).unwrap();
+    fs::rename(fx.dst.join("inner"), &fx.src).unwrap();
+    let stop = AtomicBool::new(false);
+    let mut session = Session::open(&cfg).unwrap();
+    let err = session.sync(&stop).unwrap_err().to_string();
+    assert!(
+        err.contains("another directory than the one checked"),
+        "{err}"
+    );
+    assert!(
+        dsync::status(&cfg).is_err(),
+        "status scanned the swapped source"
+    );
+    drop(session);
+    fs::rename(&fx.src, fx.dst.join("inner")).unwrap();
+    assert_unchanged(&before, &snapshot(&fx.dst), "the replica");
+    // The replica swapped: another directory at DST's path.
+    fs::rename(fx.root.join("src.old"), &fx.src).unwrap();
+    fs::rename(&fx.dst, fx.root.join("dst.old")).unwrap();
+    mkdir(&fx.dst);
+    let err = Session::open(&cfg).err().expect("refused").to_string();
+    assert!(
+        err.contains("another directory than the one checked"),
+        "{err}"
+    );
+}
