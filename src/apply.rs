@@ -12,8 +12,10 @@
 //!   rewritten from the source ([`restore_from_source`]) or, if the source no longer has that
 //!   content, forgotten by the index so that the next sync replaces it. Either way an error is
 //!   logged; only the second is counted, since after the first the replica is right.
-//! - Source files are read for copying in one way only, [`SourceFile`]: not through a symlink
-//!   at the last component, between two `fstat`s that agree.
+//! - Source files are read for copying in one way only, [`SourceFile`]: beneath the held source
+//!   root, through no symlink in any component, only the node the scan saw at that path, and
+//!   between two `fstat`s that agree ([`StableRead`]). Nothing outside the source is ever read;
+//!   a path that changed since the scan is reported and retried on the next pass.
 //! - Records are committed in batches (one durable redb commit per [`BATCH_OPS`] operations or
 //!   [`BATCH_TIME`]); a killed sync loses at most one batch of records, never replica state: the
 //!   next scan finds those files in the replica and re-hashes them instead of copying them.
@@ -33,7 +35,7 @@ use crate::index::{Index, Table, Update};
 use crate::oplog::OpLog;
 use crate::plan::{Code, Op, Plan};
 use crate::replica::Replica;
-use crate::scan::{Root, StableRead, open_beneath, vanished};
+use crate::scan::{Root, StableRead, open_beneath};
 use rustix::fs::OFlags;
 
 pub const BATCH_OPS: usize = 4096;
@@ -210,8 +212,8 @@ struct Changed;
 impl std::fmt::Display for Changed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(
-            "the source path changed since it was scanned (another file, directory or symlink \
-             is on its way now); nothing was read from it",
+            "another file, directory or symlink is at its path or on its way now; nothing was \
+             read from it",
         )
     }
 }
@@ -591,7 +593,7 @@ impl SourceFile {
 /// Whether an error opening a source file means that the path no longer holds the regular file
 /// it held.
 fn gone_from_source(e: &io::Error) -> bool {
-    is_vanished(e) || is_changed(e) || vanished(e)
+    is_vanished(e) || is_changed(e)
 }
 
 /// Whether the source's file at `path` holds the content `recorded` says, read as
@@ -985,6 +987,84 @@ mod tests {
             plan.ops
         );
         (mem, plan)
+    }
+
+    /// Opens `rel` beneath `src` as a copy would, expecting the node `scanned`.
+    fn open_source(src: &Path, rel: &str, scanned: Option<(u64, u64)>) -> io::Result<SourceFile> {
+        let fd = scan::open_dir(src).unwrap();
+        let root = Root {
+            path: src,
+            fd: fd.as_fd(),
+        };
+        SourceFile::open(root, &p(rel), scanned)
+    }
+
+    fn node(path: &Path) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::symlink_metadata(path).unwrap();
+        (md.dev(), md.ino())
+    }
+
+    #[test]
+    fn a_source_file_is_never_read_through_a_directory_swapped_for_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, outside) = (tmp.path().join("src"), tmp.path().join("outside"));
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(src.join("d/f"), b"inside").unwrap();
+        std::fs::write(outside.join("f"), b"outside").unwrap();
+        let scanned = node(&src.join("d/f"));
+        let file = open_source(&src, "d/f", Some(scanned)).unwrap();
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut file.reader(), &mut bytes).unwrap();
+        assert_eq!(bytes, b"inside");
+        file.check_unchanged(bytes.len() as u64).unwrap();
+
+        std::fs::rename(src.join("d"), src.join("d.old")).unwrap();
+        std::os::unix::fs::symlink(&outside, src.join("d")).unwrap();
+        for expect in [Some(scanned), None] {
+            let e = open_source(&src, "d/f", expect)
+                .err()
+                .expect("read through the symlink");
+            assert!(is_changed(&e), "{e}");
+            assert!(gone_from_source(&e));
+        }
+    }
+
+    #[test]
+    fn a_source_file_that_is_another_node_than_the_scan_saw_is_not_copied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path();
+        std::fs::create_dir_all(src.join("a")).unwrap();
+        std::fs::create_dir_all(src.join("b")).unwrap();
+        std::fs::write(src.join("a/f"), b"a's f").unwrap();
+        std::fs::write(src.join("b/f"), b"b's f").unwrap();
+        let mem = MemoryReplica::new(false);
+        let plan = plan_for(src, &mem);
+        // Two directories of the source exchanged after the scan.
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            src.join("a"),
+            rustix::fs::CWD,
+            src.join("b"),
+            rustix::fs::RenameFlags::EXCHANGE,
+        )
+        .unwrap();
+        let out = run(&plan, &mem, src, None);
+        let failed: Vec<&RelPath> = out.errors.iter().map(|(path, _)| path).collect();
+        assert_eq!(failed, [&p("a/f"), &p("b/f")], "{:?}", out.errors);
+        for (path, msg) in &out.errors {
+            let want = format!("{path} changed in the source since it was scanned");
+            assert!(msg.contains(&want), "{msg}");
+            assert!(msg.contains("retried on the next sync"), "{msg}");
+        }
+        assert_eq!(mem.read(&p("a/f")), None, "b's f was copied to a/f");
+        assert_eq!(mem.read(&p("b/f")), None, "a's f was copied to b/f");
+
+        // A file gone since the scan is still "vanished".
+        std::fs::remove_file(src.join("a/f")).unwrap();
+        let e = open_source(src, "a/f", None).err().expect("gone");
+        assert!(is_vanished(&e), "{e}");
     }
 
     #[test]

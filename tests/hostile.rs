@@ -111,6 +111,8 @@ struct Figures {
     leaked_files: u64,
     leaked_bytes: u64,
     first_leak: Option<PathBuf>,
+    /// One error line of a sync that met a swapped path.
+    sample_error: Option<String>,
 }
 
 impl Figures {
@@ -148,6 +150,9 @@ impl Figures {
                 .map(|p| format!(" (first: {})", p.display()))
                 .unwrap_or_default()
         );
+        if let Some(line) = &self.sample_error {
+            eprintln!("{what}: a sync said: {line}");
+        }
     }
 
     fn assert_nothing_leaked(&self, what: &str) {
@@ -254,6 +259,10 @@ fn run_directory_swap(as_nobody: bool) -> Figures {
             fig.syncs,
             String::from_utf8_lossy(&out.stderr)
         );
+        if fig.sample_error.is_none() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            fig.sample_error = err.lines().find(|l| l.contains("error")).map(str::to_owned);
+        }
         if fx.dst.is_dir() {
             fig.check_replica(&fx.dst);
         }
