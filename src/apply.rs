@@ -12,17 +12,18 @@
 //!   rewritten from the source ([`restore_from_source`]) or, if the source no longer has that
 //!   content, forgotten by the index so that the next sync replaces it. Either way an error is
 //!   logged; only the second is counted, since after the first the replica is right.
-//! - Source files are read for copying in one way only, [`SourceFile`]: not through a symlink
-//!   at the last component, between two `fstat`s that agree.
+//! - Source files are read for copying in one way only, [`SourceFile`]: beneath the held source
+//!   root, through no symlink in any component, only the node the scan saw at that path, and
+//!   between two `fstat`s that agree ([`StableRead`]). Nothing outside the source is ever read;
+//!   a path that changed since the scan is reported and retried on the next pass.
 //! - Records are committed in batches (one durable redb commit per [`BATCH_OPS`] operations or
 //!   [`BATCH_TIME`]); a killed sync loses at most one batch of records, never replica state: the
 //!   next scan finds those files in the replica and re-hashes them instead of copying them.
 //! - The stop flag is checked between operations: an interrupted sync commits what it did.
 
 use std::collections::HashSet;
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,8 @@ use crate::index::{Index, Table, Update};
 use crate::oplog::OpLog;
 use crate::plan::{Code, Op, Plan};
 use crate::replica::Replica;
-use crate::scan::{fingerprint, meta_of, open_nofollow, vanished};
+use crate::scan::{Root, StableRead, open_beneath};
+use rustix::fs::OFlags;
 
 pub const BATCH_OPS: usize = 4096;
 pub const BATCH_TIME: Duration = Duration::from_secs(2);
@@ -175,7 +177,7 @@ pub fn written(src: &Entry, content: Content, fp: Fingerprint) -> Entry {
 struct Ctx<'a> {
     plan: &'a Plan,
     replica: &'a dyn Replica,
-    source: &'a Path,
+    source: Root<'a>,
     /// Staging names whose `Stage` failed: their node never left its place.
     unstaged: std::sync::Mutex<std::collections::HashSet<RelPath>>,
     /// Directories whose `Mkdir` failed: nothing below them is attempted.
@@ -200,6 +202,26 @@ impl std::error::Error for Vanished {}
 
 fn is_vanished(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|x| x.is::<Vanished>())
+}
+
+/// A source path that holds another node than the scan saw there, or whose way now goes
+/// through a symlink or a non-directory: it is not read, and the next pass scans it again.
+#[derive(Debug)]
+struct Changed;
+
+impl std::fmt::Display for Changed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "another file, directory or symlink is at its path or on its way now; nothing was \
+             read from it",
+        )
+    }
+}
+
+impl std::error::Error for Changed {}
+
+fn is_changed(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|x| x.is::<Changed>())
 }
 
 /// The error for an operation below a directory that could not be created.
@@ -455,7 +477,8 @@ impl Ctx<'_> {
 
     /// Copies a file from the source, hashing it on the way, and records both sides.
     fn write(&self, path: &RelPath, planned: &Entry) -> OpResult {
-        let file = SourceFile::open(self.source, path)?;
+        let scanned = (planned.fp.dev, planned.fp.ino);
+        let file = SourceFile::open(self.source, path, Some(scanned))?;
         // Metadata as the file is now: it may have changed since the scan.
         let mut src = planned.clone();
         src.meta = file.meta();
@@ -475,7 +498,7 @@ impl Ctx<'_> {
         )];
         src.content = content;
         src.fp = file.fingerprint();
-        src.seen = file.seen;
+        src.seen = file.seen();
         updates.push(Update::Put(Table::Source, path.clone(), src));
         Ok((updates, n))
     }
@@ -491,59 +514,74 @@ struct Repair {
     fixed: bool,
 }
 
-/// A regular file of the source opened for copying: never through a symlink at its last
-/// component, never blocking on a FIFO that replaced it, with the `fstat` taken before any
-/// byte is read.
+/// A regular file of the source opened for copying, read by the one stable-read protocol
+/// ([`StableRead`]). It is opened beneath the held source root, following no symlink in any
+/// component, never blocking on a FIFO that replaced it; and when the scan saw the path, the
+/// node opened must be the one it saw. So no byte from outside the source is ever read, however
+/// the source's directories are swapped meanwhile.
 pub struct SourceFile {
-    file: File,
-    before: Metadata,
-    /// When the file was opened (what decides whether a hash of it is racily clean).
-    pub seen: Time,
+    read: StableRead,
 }
 
 impl SourceFile {
-    /// Opens `path` below `source`; a path that is no longer a regular file is `NotFound`.
-    pub fn open(source: &Path, path: &RelPath) -> io::Result<SourceFile> {
-        let file = open_nofollow(&path.to_path(source)).map_err(|e| match vanished(&e) {
-            true => io::Error::new(io::ErrorKind::NotFound, Vanished),
-            false => e,
+    /// Opens `path` beneath `source`. `scanned` is the (device, inode) the scan saw at `path`,
+    /// when it is known: another node there fails with [`Changed`]. A path that is no longer a
+    /// regular file is `NotFound` ([`Vanished`]); one whose way is now through a symlink or a
+    /// non-directory is [`Changed`].
+    pub fn open(
+        source: Root,
+        path: &RelPath,
+        scanned: Option<(u64, u64)>,
+    ) -> io::Result<SourceFile> {
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let fd = open_beneath(source.fd, path, flags).map_err(|e| {
+            use rustix::io::Errno;
+            match e.raw_os_error().map(Errno::from_raw_os_error) {
+                _ if e.kind() == io::ErrorKind::NotFound => {
+                    io::Error::new(io::ErrorKind::NotFound, Vanished)
+                }
+                Some(Errno::LOOP | Errno::XDEV | Errno::NOTDIR) => io::Error::other(Changed),
+                _ => e,
+            }
         })?;
-        let seen = Time::now();
-        let before = file.metadata()?;
-        if !before.file_type().is_file() {
+        let Some(read) = StableRead::start(File::from(fd))? else {
             return Err(io::Error::new(io::ErrorKind::NotFound, Vanished));
+        };
+        if scanned.is_some_and(|node| node != read.node()) {
+            return Err(io::Error::other(Changed));
         }
-        Ok(SourceFile { file, before, seen })
+        Ok(SourceFile { read })
     }
 
     pub fn meta(&self) -> Meta {
-        meta_of(&self.before)
+        self.read.meta()
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
-        fingerprint(&self.before)
+        self.read.fingerprint()
+    }
+
+    /// When the file was opened (what decides whether a hash of it is racily clean).
+    pub fn seen(&self) -> Time {
+        self.read.seen
     }
 
     pub fn len(&self) -> u64 {
-        self.before.len()
+        self.read.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.read.is_empty()
     }
 
-    /// Its bytes, up to the size `fstat` gave: a file that grew meanwhile fails
-    /// [`SourceFile::check_unchanged`] anyway, and a small file needs no second read to see its
-    /// end.
+    /// Its bytes, up to the size `fstat` gave ([`StableRead::reader`]).
     pub fn reader(&self) -> io::Take<&File> {
-        io::Read::take(&self.file, self.len())
+        self.read.reader()
     }
 
-    /// Succeeds only if `n` bytes were read and the file is as it was when it was opened: bytes
-    /// read from a file that changed meanwhile may be a mix of two versions.
+    /// Succeeds only if the read of `n` bytes counts ([`StableRead::held_still`]).
     pub fn check_unchanged(&self, n: u64) -> io::Result<()> {
-        let after = self.file.metadata()?;
-        if fingerprint(&after) != self.fingerprint() || n != self.len() {
+        if !self.read.held_still(n)? {
             return Err(io::Error::other(
                 "changed while it was being copied; it will be copied on the next sync",
             ));
@@ -552,18 +590,19 @@ impl SourceFile {
     }
 }
 
-/// Whether an error opening a source file means that the path no longer holds a regular file.
+/// Whether an error opening a source file means that the path no longer holds the regular file
+/// it held.
 fn gone_from_source(e: &io::Error) -> bool {
-    vanished(e) || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error())
+    is_vanished(e) || is_changed(e)
 }
 
 /// Whether the source's file at `path` holds the content `recorded` says, read as
 /// [`restore_from_source`] would read it. Writes nothing.
-pub fn source_has(source: &Path, path: &RelPath, recorded: &Entry) -> io::Result<bool> {
+pub fn source_has(source: Root, path: &RelPath, recorded: &Entry) -> io::Result<bool> {
     let Some(want) = recorded.file_hash() else {
         return Ok(false);
     };
-    let file = match SourceFile::open(source, path) {
+    let file = match SourceFile::open(source, path, None) {
         Ok(f) => f,
         Err(e) if gone_from_source(&e) => return Ok(false),
         Err(e) => return Err(e),
@@ -582,14 +621,14 @@ pub fn source_has(source: &Path, path: &RelPath, recorded: &Entry) -> io::Result
 /// content (changed or gone); then nothing was written.
 pub fn restore_from_source(
     replica: &dyn Replica,
-    source: &Path,
+    source: Root,
     path: &RelPath,
     recorded: &Entry,
 ) -> io::Result<Option<Entry>> {
     let Some(want) = recorded.file_hash() else {
         return Ok(None);
     };
-    let file = match SourceFile::open(source, path) {
+    let file = match SourceFile::open(source, path, None) {
         Ok(f) => f,
         Err(e) if gone_from_source(&e) => return Ok(None),
         Err(e) => return Err(e),
@@ -652,11 +691,11 @@ fn fault_kill_after() -> Option<u64> {
     std::env::var("DIRSYNC_FAULT_KILL_AFTER").ok()?.parse().ok()
 }
 
-/// Applies `plan` to `replica`, reading new content from `source`.
+/// Applies `plan` to `replica`, reading new content beneath the held `source` root.
 pub fn apply(
     plan: &Plan,
     replica: &dyn Replica,
-    source: &Path,
+    source: Root,
     rec: &mut Recorder,
     log: &mut OpLog,
     stop: &AtomicBool,
@@ -863,6 +902,9 @@ fn describe(op: &Op, e: &io::Error) -> String {
         Op::Copy { to, .. } | Op::Write { path: to, .. } if is_vanished(e) => {
             format!("{to} vanished from the source while syncing")
         }
+        Op::Copy { to, .. } | Op::Write { path: to, .. } if is_changed(e) => {
+            format!("{to} changed in the source since it was scanned")
+        }
         Op::Copy { from, to, .. } => format!("cannot copy {from} to {to}"),
         Op::Write { path, .. } => format!("cannot copy {path}"),
         Op::Symlink { path, .. } => format!("cannot create symlink {path}"),
@@ -896,6 +938,8 @@ mod tests {
     use crate::plan::plan;
     use crate::replica::memory::MemoryReplica;
     use crate::scan::{self, Side};
+    use std::os::fd::AsFd;
+    use std::path::Path;
 
     fn p(s: &str) -> RelPath {
         RelPath::from_bytes(s.as_bytes()).unwrap()
@@ -916,7 +960,12 @@ mod tests {
     fn run(plan: &Plan, mem: &MemoryReplica, src: &Path, index: Option<&Index>) -> Outcome {
         let stop = AtomicBool::new(false);
         let mut rec = Recorder::new(index);
-        apply(plan, mem, src, &mut rec, &mut OpLog::default(), &stop).unwrap()
+        let fd = scan::open_dir(src).unwrap();
+        let root = Root {
+            path: src,
+            fd: fd.as_fd(),
+        };
+        apply(plan, mem, root, &mut rec, &mut OpLog::default(), &stop).unwrap()
     }
 
     /// A source with `a`, synced into a memory replica; then `b`, a copy of `a`, is added, and
@@ -936,6 +985,84 @@ mod tests {
             plan.ops
         );
         (mem, plan)
+    }
+
+    /// Opens `rel` beneath `src` as a copy would, expecting the node `scanned`.
+    fn open_source(src: &Path, rel: &str, scanned: Option<(u64, u64)>) -> io::Result<SourceFile> {
+        let fd = scan::open_dir(src).unwrap();
+        let root = Root {
+            path: src,
+            fd: fd.as_fd(),
+        };
+        SourceFile::open(root, &p(rel), scanned)
+    }
+
+    fn node(path: &Path) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::symlink_metadata(path).unwrap();
+        (md.dev(), md.ino())
+    }
+
+    #[test]
+    fn a_source_file_is_never_read_through_a_directory_swapped_for_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, outside) = (tmp.path().join("src"), tmp.path().join("outside"));
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(src.join("d/f"), b"inside").unwrap();
+        std::fs::write(outside.join("f"), b"outside").unwrap();
+        let scanned = node(&src.join("d/f"));
+        let file = open_source(&src, "d/f", Some(scanned)).unwrap();
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut file.reader(), &mut bytes).unwrap();
+        assert_eq!(bytes, b"inside");
+        file.check_unchanged(bytes.len() as u64).unwrap();
+
+        std::fs::rename(src.join("d"), src.join("d.old")).unwrap();
+        std::os::unix::fs::symlink(&outside, src.join("d")).unwrap();
+        for expect in [Some(scanned), None] {
+            let e = open_source(&src, "d/f", expect)
+                .err()
+                .expect("read through the symlink");
+            assert!(is_changed(&e), "{e}");
+            assert!(gone_from_source(&e));
+        }
+    }
+
+    #[test]
+    fn a_source_file_that_is_another_node_than_the_scan_saw_is_not_copied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path();
+        std::fs::create_dir_all(src.join("a")).unwrap();
+        std::fs::create_dir_all(src.join("b")).unwrap();
+        std::fs::write(src.join("a/f"), b"a's f").unwrap();
+        std::fs::write(src.join("b/f"), b"b's f").unwrap();
+        let mem = MemoryReplica::new(false);
+        let plan = plan_for(src, &mem);
+        // Two directories of the source exchanged after the scan.
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            src.join("a"),
+            rustix::fs::CWD,
+            src.join("b"),
+            rustix::fs::RenameFlags::EXCHANGE,
+        )
+        .unwrap();
+        let out = run(&plan, &mem, src, None);
+        let failed: Vec<&RelPath> = out.errors.iter().map(|(path, _)| path).collect();
+        assert_eq!(failed, [&p("a/f"), &p("b/f")], "{:?}", out.errors);
+        for (path, msg) in &out.errors {
+            let want = format!("{path} changed in the source since it was scanned");
+            assert!(msg.contains(&want), "{msg}");
+            assert!(msg.contains("retried on the next sync"), "{msg}");
+        }
+        assert_eq!(mem.read(&p("a/f")), None, "b's f was copied to a/f");
+        assert_eq!(mem.read(&p("b/f")), None, "a's f was copied to b/f");
+
+        // A file gone since the scan is still "vanished".
+        std::fs::remove_file(src.join("a/f")).unwrap();
+        let e = open_source(src, "a/f", None).err().expect("gone");
+        assert!(is_vanished(&e), "{e}");
     }
 
     #[test]

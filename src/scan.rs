@@ -6,8 +6,12 @@
 //! - Symlinks are never followed; the walk stays on the tree it was given.
 //! - A cached hash is reused only when the whole fingerprint (size, mtime, ctime, inode, device)
 //!   matches and the cached entry is not racily clean ([`Entry::is_racy`]).
-//! - A hash is computed from bytes read between two `fstat`s that agree; a file that changes
-//!   while it is read gets no hash (`None`), so it can never be recorded as synced.
+//! - A hash is computed from bytes read between two `fstat`s that agree ([`StableRead`], the one
+//!   stable-read protocol, which copies from the source use too); a file that changes while it
+//!   is read gets no hash (`None`), so it can never be recorded as synced.
+//! - Every file is opened beneath the held root without following a symlink in any component
+//!   ([`open_beneath`]); a held source root is opened following no symlink on its canonical path
+//!   ([`open_root`]). No read leaves the tree.
 //! - A path that could not be read is listed in [`Tree::unknown`]: nothing at or below it may be
 //!   deleted or replaced on the strength of this scan.
 
@@ -17,7 +21,7 @@ use std::fs::{File, Metadata};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -96,6 +100,23 @@ pub struct Root<'a> {
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     rfs::open(path, flags, Mode::empty()).map_err(io_err)
+}
+
+/// Opens the canonical path of a tree's root to hold it as a [`Root`] for a pass, following no
+/// symlink anywhere on the way (`openat2(RESOLVE_NO_SYMLINKS)`, or `O_NOFOLLOW` on the last
+/// component on kernels without it): a canonical path has none, so a symlink met means that
+/// the path was changed since it was resolved, and it fails with `ELOOP` instead of opening
+/// whatever the symlink names.
+pub fn open_root(path: &Path) -> io::Result<OwnedFd> {
+    use rustix::fs::ResolveFlags;
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    match rfs::openat2(rfs::CWD, path, flags, Mode::empty(), resolve) {
+        Err(rustix::io::Errno::NOSYS) => {
+            rfs::open(path, flags | OFlags::NOFOLLOW, Mode::empty()).map_err(io_err)
+        }
+        other => other.map_err(io_err),
+    }
 }
 
 /// Stats every node below `root` without reading file contents. Entries come out in canonical
@@ -512,10 +533,23 @@ pub fn hash_files_in(root: Root, tree: &mut Tree, which: &[usize]) -> Vec<(RelPa
     hash_with(root.path, tree, which, &open)
 }
 
-/// [`hash_files_in`] for a tree known by its path only: each file is opened by its full path
-/// (without following a symlink at the last component).
+/// [`hash_files_in`] for a tree known by its path only (tests and tools): the root is opened
+/// here and held while its files are hashed beneath it.
 pub fn hash_files(root: &Path, tree: &mut Tree, which: &[usize]) -> Vec<(RelPath, Entry)> {
-    hash_with(root, tree, which, &|rel| open_nofollow(&rel.to_path(root)))
+    match open_dir(root) {
+        Ok(fd) => hash_files_in(
+            Root {
+                path: root,
+                fd: fd.as_fd(),
+            },
+            tree,
+            which,
+        ),
+        Err(e) => {
+            let msg = e.to_string();
+            hash_with(root, tree, which, &|_| Err(io::Error::other(msg.clone())))
+        }
+    }
 }
 
 type Opener<'a> = dyn Fn(&RelPath) -> io::Result<File> + Sync + 'a;
@@ -577,33 +611,90 @@ fn hash_with(
 type HashResult = io::Result<Option<(Entry, u64)>>;
 
 /// Reads one file and returns its entry with the hash filled in, or `None` if it vanished or
-/// stopped being a regular file.
+/// stopped being a regular file. A file that did not hold still while it was read
+/// ([`StableRead`]) gets no hash.
 fn hash_one(opened: io::Result<File>, old: &Entry) -> HashResult {
     let file = match opened {
         Ok(f) => f,
         Err(e) if vanished(&e) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let seen = Time::now();
-    let before = file.metadata()?;
-    if !before.file_type().is_file() {
+    let Some(read) = StableRead::start(file)? else {
         return Ok(None);
-    }
-    let (h, n) = hash::hash_reader(&mut &file, before.size())?;
-    let after = file.metadata()?;
-    let fp = fingerprint(&before);
-    let stable = fp == fingerprint(&after) && n == before.size();
+    };
+    let (h, n) = hash::hash_reader(&mut read.reader(), read.len())?;
+    let stable = read.held_still(n)?;
     let e = Entry {
         content: Content::File {
-            size: before.size(),
+            size: read.len(),
             hash: stable.then_some(h),
         },
-        meta: meta_of(&before),
-        fp,
-        seen,
+        meta: read.meta(),
+        fp: read.fingerprint(),
+        seen: read.seen,
         link: old.link.clone(),
     };
     Ok(Some((e, n)))
+}
+
+/// One read of a regular file that counts only if the file held still while it was read: an
+/// `fstat` before the first byte, the bytes up to the size it gave, an `fstat` after, and both
+/// `fstat`s must agree and exactly that many bytes must have come
+/// ([`StableRead::held_still`]); bytes read from a file that changed meanwhile may be a mix of
+/// two versions. The scan's hasher and every copy from the source read files this way.
+#[derive(Debug)]
+pub struct StableRead {
+    file: File,
+    before: Metadata,
+    /// When the file was opened (what decides whether a hash of it is racily clean).
+    pub seen: Time,
+}
+
+impl StableRead {
+    /// Starts a read of `file`, opened just now: takes the first `fstat`. `None` when it is not
+    /// a regular file.
+    pub fn start(file: File) -> io::Result<Option<StableRead>> {
+        let seen = Time::now();
+        let before = file.metadata()?;
+        if !before.file_type().is_file() {
+            return Ok(None);
+        }
+        Ok(Some(StableRead { file, before, seen }))
+    }
+
+    pub fn meta(&self) -> Meta {
+        meta_of(&self.before)
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        fingerprint(&self.before)
+    }
+
+    /// The node that was opened: (device, inode).
+    pub fn node(&self) -> (u64, u64) {
+        (self.before.dev(), self.before.ino())
+    }
+
+    pub fn len(&self) -> u64 {
+        self.before.size()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Its bytes, up to the size the first `fstat` gave: a file that grew meanwhile fails
+    /// [`StableRead::held_still`] anyway, and a small file needs no second read to see its end.
+    pub fn reader(&self) -> io::Take<&File> {
+        io::Read::take(&self.file, self.len())
+    }
+
+    /// Whether the read of `n` bytes counts: all of them came, and the file is as it was when
+    /// the read started.
+    pub fn held_still(&self, n: u64) -> io::Result<bool> {
+        let after = self.file.metadata()?;
+        Ok(n == self.len() && fingerprint(&after) == self.fingerprint())
+    }
 }
 
 /// Opens `rel` beneath the directory `dir` with `flags`, following no symlink on the way
@@ -635,25 +726,12 @@ pub fn open_beneath(dir: BorrowedFd, rel: &RelPath, flags: OFlags) -> io::Result
     cur.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the root itself"))
 }
 
-/// Opens a regular file for reading without following a symlink and without blocking on a FIFO
-/// that replaced it.
-pub fn open_nofollow(path: &Path) -> io::Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_flags())
-        .open(path)
-}
-
-fn libc_flags() -> i32 {
-    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32
-}
-
 /// Errors that mean the path is simply gone (or was replaced mid-scan).
 pub fn vanished(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::NotFound) || e.raw_os_error() == Some(40) // ELOOP: now a symlink
 }
 
-fn meta_of_stat(st: &rfs::Stat) -> Meta {
+pub fn meta_of_stat(st: &rfs::Stat) -> Meta {
     Meta {
         mode: st.st_mode & 0o7777,
         mtime: Time {

@@ -317,12 +317,21 @@ fn recorded_fs(value: Option<Vec<u8>>) -> FsTraits {
         .unwrap_or_default()
 }
 
-/// Opens the source root to hold it for one pass.
-fn open_source(path: &Path) -> Result<OwnedFd> {
-    scan::open_dir(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::BadInput {
+/// Opens the source root (its canonical path) to hold it for one pass, following no symlink on
+/// the way: one there now was put there after the path was resolved, and is not followed.
+pub(crate) fn open_source(path: &Path) -> Result<OwnedFd> {
+    scan::open_root(path).map_err(|e| match e.raw_os_error() {
+        _ if e.kind() == std::io::ErrorKind::NotFound => Error::BadInput {
             msg: format!(
                 "source {} does not exist; check the path (is the disk mounted?)",
+                path.display()
+            ),
+        },
+        Some(c) if c == rustix::io::Errno::LOOP.raw_os_error() => Error::BadInput {
+            msg: format!(
+                "source {} was replaced by a symlink (or one was put on its path) after it was \
+                 resolved; it is not followed, nothing was synced; run again to mirror what \
+                 the path names now",
                 path.display()
             ),
         },
@@ -510,7 +519,7 @@ impl Session {
         let outcome = apply(
             &plan,
             &replica,
-            &cfg.roots.source,
+            source_root(cfg, source),
             &mut rec,
             &mut self.log,
             stop,

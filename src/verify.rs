@@ -15,9 +15,13 @@
 //!   except the parent directories a missing file needs, and the directories whose entries
 //!   changed get their metadata back. It is no sync: other pending changes stay pending.
 //! - A dry run reads the source the same way, and exits as the repair would.
+//! - The source is read only beneath its root, opened once (following no symlink on its
+//!   canonical path) and held while the repair runs; no component of a path inside it is
+//!   followed through a symlink ([`SourceFile`](crate::apply::SourceFile)).
 
 use std::collections::HashSet;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -30,7 +34,7 @@ use crate::oplog::OpLog;
 use crate::replica::Replica;
 use crate::replica::local::LocalReplica;
 use crate::replica::root::ReplicaRoot;
-use crate::scan::{self, Root, Side, Tree, meta_of};
+use crate::scan::{self, Root, Side, Tree};
 
 /// What `verify` does about the differences it finds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,8 +211,11 @@ pub fn verify(cfg: &Config, mode: Repair, stop: &AtomicBool) -> Result<Verified>
         let index = ReadIndex::open_existing(&cfg.index, &roots)?.ok_or_else(no_index)?;
         let tree = walk_hashed(root);
         let mut v = compare(&tree, index.load(Table::Replica)?);
-        if mode == Repair::DryRun {
-            dry_run(&mut v, src);
+        if mode == Repair::DryRun && !v.differences.is_empty() {
+            match crate::sync::open_source(src) {
+                Ok(fd) => dry_run(&mut v, source_root(src, &fd)),
+                Err(e) => unrepairable(&mut v, &e, None),
+            }
         }
         return Ok(v);
     }
@@ -221,9 +228,40 @@ pub fn verify(cfg: &Config, mode: Repair, stop: &AtomicBool) -> Result<Verified>
         let fd = held.try_clone().map_err(|e| Error::io(dst, e))?;
         let replica = LocalReplica::with_root(fd, cfg.owners);
         let mut log = OpLog::open(cfg.log_file.as_deref())?;
-        repair(&mut v, &tree, &replica, src, &index, &mut log, stop);
+        match crate::sync::open_source(src) {
+            Ok(fd) => {
+                let source = source_root(src, &fd);
+                repair(&mut v, &tree, &replica, source, &index, &mut log, stop);
+            }
+            Err(e) => unrepairable(&mut v, &e, Some(&mut log)),
+        }
     }
     Ok(v)
+}
+
+/// The source root held for reading repairs beneath it.
+fn source_root<'a>(path: &'a Path, fd: &'a OwnedFd) -> Root<'a> {
+    Root {
+        path,
+        fd: fd.as_fd(),
+    }
+}
+
+/// No difference can be repaired: the source root cannot be opened (`why`). With `log`, the
+/// repair was asked for and each failure is logged; without, it is a dry run.
+fn unrepairable(v: &mut Verified, why: &Error, mut log: Option<&mut OpLog>) {
+    for d in &mut v.differences {
+        let msg = format!("the source cannot be opened: {why}");
+        match log.as_deref_mut() {
+            None => d.fix = Fix::WouldFail(msg),
+            Some(log) => {
+                d.fix = Fix::Failed(msg);
+                if let Some(line) = d.error() {
+                    log.error(&line);
+                }
+            }
+        }
+    }
 }
 
 /// The whole replica tree beneath its held root, with every file read and hashed.
@@ -300,7 +338,7 @@ fn with_leader_hashes(mut recorded: Vec<(RelPath, Entry)>) -> Vec<(RelPath, Entr
 }
 
 /// `--repair --dry-run`: whether the source still has the content of each difference.
-pub fn dry_run(v: &mut Verified, source: &Path) {
+pub fn dry_run(v: &mut Verified, source: Root) {
     for d in &mut v.differences {
         d.fix = match source_has(source, &d.path, &d.recorded) {
             Ok(true) => Fix::WouldRepair,
@@ -317,7 +355,7 @@ pub fn repair(
     v: &mut Verified,
     tree: &Tree,
     replica: &dyn Replica,
-    source: &Path,
+    source: Root,
     index: &Index,
     log: &mut OpLog,
     stop: &AtomicBool,
@@ -363,7 +401,7 @@ fn repair_one(
     d: &Difference,
     tree: &Tree,
     replica: &dyn Replica,
-    source: &Path,
+    source: Root,
     repaired: &HashSet<RelPath>,
     created: &mut Vec<RelPath>,
 ) -> io::Result<Option<Entry>> {
@@ -401,6 +439,27 @@ fn missing_parents(path: &RelPath, tree: &Tree, created: &[RelPath]) -> Vec<RelP
     out
 }
 
+/// The metadata of the source directory `d`, stat'ed beneath the held source root.
+fn source_dir_meta(source: Root, d: &RelPath) -> io::Result<Meta> {
+    use rustix::fs::OFlags;
+    let st = if d.is_root() {
+        rustix::fs::fstat(source.fd)?
+    } else {
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = scan::open_beneath(source.fd, d, flags).map_err(|e| {
+            use rustix::io::Errno;
+            match e.raw_os_error().map(Errno::from_raw_os_error) {
+                Some(Errno::NOTDIR | Errno::LOOP) => {
+                    io::Error::other("not a directory in the source")
+                }
+                _ => e,
+            }
+        })?;
+        rustix::fs::fstat(&fd)?
+    };
+    Ok(scan::meta_of_stat(&st))
+}
+
 /// Gives each directory in `dirs` its metadata back, children first: the replica's own, as
 /// walked, or the source directory's for those created by the repair. Returns the failures.
 fn restore_dirs(
@@ -408,7 +467,7 @@ fn restore_dirs(
     created: &[RelPath],
     tree: &Tree,
     replica: &dyn Replica,
-    source: &Path,
+    source: Root,
 ) -> Vec<String> {
     dirs.sort_unstable_by(|a, b| b.cmp(a));
     dirs.dedup();
@@ -416,10 +475,7 @@ fn restore_dirs(
     for d in dirs {
         let meta: io::Result<Meta> = match tree.get(&d) {
             Some(e) if e.is_dir() && !created.contains(&d) => Ok(e.meta),
-            _ => std::fs::symlink_metadata(d.to_path(source)).and_then(|md| match md.is_dir() {
-                true => Ok(meta_of(&md)),
-                false => Err(io::Error::other("not a directory in the source")),
-            }),
+            _ => source_dir_meta(source, &d),
         };
         if let Err(e) = meta.and_then(|m| replica.set_meta(&d, Kind::Dir, &m)) {
             errors.push(format!(

@@ -266,7 +266,8 @@ impl Source {
             false => Ok(self.resolved.clone()),
         };
         let opened = resolved.and_then(|p| {
-            let fd = scan::open_dir(&p)?;
+            // A canonical path has no symlink: one there now is not followed.
+            let fd = scan::open_root(&p)?;
             let st = rustix::fs::fstat(&fd)?;
             Ok((p, fd, (st.st_dev, st.st_ino)))
         });
@@ -277,6 +278,9 @@ impl Source {
             }
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) => {
                 return Err(paused("is not a directory any more"));
+            }
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+                return Err(paused("was replaced by a symlink, which is not followed"));
             }
             Err(e) => return Err(paused(&format!("cannot be opened ({e})"))),
         };

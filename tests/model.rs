@@ -436,10 +436,15 @@ fn memory_sync(
     if let Some(n) = kill_after {
         plan.ops.truncate(n as usize);
     }
+    let fd = scan::open_dir(src).map_err(|e| format!("cannot open {}: {e}", src.display()))?;
+    let root = scan::Root {
+        path: src,
+        fd: std::os::fd::AsFd::as_fd(&fd),
+    };
     let outcome = apply(
         &plan,
         mem,
-        src,
+        root,
         &mut Recorder::new(None),
         &mut OpLog::default(),
         &AtomicBool::new(false),
