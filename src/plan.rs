@@ -1121,6 +1121,172 @@ mod tests {
         check(&src, &dst);
     }
 
+    /// Every op of `plan`, with the source path each one refers to.
+    fn render(plan: &Plan) -> Vec<String> {
+        let at = |r: &SrcRef| plan.source[r.0 as usize].0.to_string();
+        plan.ops
+            .iter()
+            .map(|op| match op {
+                Op::Stage { from, tmp } => format!("stage {from} {tmp}"),
+                Op::Remove { path, kind } => format!("remove {path} {kind:?}"),
+                Op::Mkdir { path, src, code } => {
+                    format!("mkdir {path} <{}> {}", at(src), code.letter())
+                }
+                Op::Rename { tmp, orig, to, src } => {
+                    format!("rename {tmp} {orig} {to} <{}>", at(src))
+                }
+                Op::Copy {
+                    from,
+                    to,
+                    src,
+                    trusted,
+                } => format!(
+                    "copy {from} {to} <{}> trusted={}",
+                    at(src),
+                    trusted.is_some()
+                ),
+                Op::Write { path, src, code } => {
+                    format!("write {path} <{}> {}", at(src), code.letter())
+                }
+                Op::Symlink { path, src, code } => {
+                    format!("symlink {path} <{}> {}", at(src), code.letter())
+                }
+                Op::Link {
+                    leader,
+                    path,
+                    src,
+                    code,
+                } => format!("link {leader} {path} <{}> {}", at(src), code.letter()),
+                Op::SetMeta { path, src } => format!("setmeta {path} <{}>", at(src)),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_step_in_its_order() {
+        let mut m_new = file("M", 1);
+        m_new.meta.mode = 0o600;
+        let mut md_new = dir();
+        md_new.meta.mode = 0o700;
+        let mut h2 = file("H", 1);
+        h2.link = Some(p("h"));
+        let special = Entry {
+            content: Content::Special,
+            ..file("", 0)
+        };
+        let dst = tree(vec![
+            ("a", file("A", 1)),
+            ("dd", dir()),
+            ("dd/q", file("Q", 1)),
+            ("gone", file("GONE", 1)),
+            ("keep", file("K", 1)),
+            ("m", file("M", 1)),
+            ("md", dir()),
+            ("md/z", file("Z", 1)),
+            ("mod", file("old", 1)),
+            ("old", dir()),
+            ("old/f", file("F", 1)),
+            ("old/g", file("G", 1)),
+            ("s1", file("S1", 1)),
+            ("s2", file("S2", 1)),
+            ("t", file("T", 1)),
+        ]);
+        let src = tree(vec![
+            ("b", file("A", 2)),
+            ("big2", file("BIG", 1)),
+            ("fifo", special),
+            ("h", file("H", 1)),
+            ("h2", h2),
+            ("k2", file("K", 1)),
+            ("keep", file("K", 1)),
+            ("ln", link("target")),
+            ("m", m_new),
+            ("md", md_new),
+            ("md/z", file("Z", 1)),
+            ("mod", file("new", 1)),
+            ("new", dir()),
+            ("new/f", file("F", 1)),
+            ("new/g", file("G", 1)),
+            ("s1", file("S2", 1)),
+            ("s2", file("S1", 1)),
+            ("t", dir()),
+            ("t/x", file("X", 1)),
+            ("w", file("W", 1)),
+        ]);
+        // An unchanged replica file the join dropped from the trees, kept as a copy source.
+        let copy_sources = tree(vec![("big", file("BIG", 1))]);
+        let copy_sources = &copy_sources[1..];
+        let changes = diff(&src, &dst, false, &|_| false);
+        let plan = plan_with(&changes, &src, &dst, copy_sources, false).with_source(src.clone());
+        let mut before = dst.clone();
+        before.extend_from_slice(copy_sources);
+        before.sort_by(|x, y| x.0.cmp(&y.0));
+        let mut out = simulate(&plan, &before);
+        out.remove(&p("big"));
+        // A special file is reported, not created.
+        let want: BTreeMap<RelPath, Shape> = src
+            .iter()
+            .filter(|(_, e)| e.kind() != Kind::Special)
+            .map(|(p, e)| (p.clone(), shape(e)))
+            .collect();
+        let got: BTreeMap<RelPath, Shape> =
+            out.iter().map(|(p, e)| (p.clone(), shape(e))).collect();
+        assert_eq!(got, want);
+        let ops = render(&plan);
+        let want_ops = [
+            "stage s2 .dirsync-tmp-stage-0",
+            "stage s1 .dirsync-tmp-stage-1",
+            "remove t File",
+            "remove gone File",
+            "remove dd/q File",
+            "remove dd Dir",
+            "mkdir t <t> T",
+            "rename old old new <new>",
+            "rename a a b <b>",
+            "rename .dirsync-tmp-stage-0 s2 s1 <s1>",
+            "rename .dirsync-tmp-stage-1 s1 s2 <s2>",
+            "copy big big2 <big2> trusted=true",
+            "copy keep k2 <k2> trusted=true",
+            "write h <h> A",
+            "symlink ln <ln> A",
+            "write mod <mod> M",
+            "write t/x <t/x> A",
+            "write w <w> A",
+            "link h h2 <h2> A",
+            "setmeta b <b>",
+            "setmeta m <m>",
+            "setmeta t <t>",
+            "setmeta new <new>",
+            "setmeta md <md>",
+            "setmeta . <.>",
+        ];
+        assert_eq!(ops, want_ops, "{ops:#?}");
+        let want_items = [
+            "R a -> b",
+            "C big -> big2",
+            "D dd",
+            "D dd/q",
+            "A fifo",
+            "D gone",
+            "A h",
+            "A h2",
+            "C keep -> k2",
+            "A ln",
+            "m m",
+            "m md",
+            "M mod",
+            "R old -> new",
+            "R s2 -> s1",
+            "R s1 -> s2",
+            "T t",
+            "A t/x",
+            "A w",
+        ];
+        assert_eq!(lines(&plan), want_items);
+        // h, mod, t/x and w come from the source.
+        assert_eq!(plan.bytes_to_copy, 6);
+    }
+
     #[test]
     fn stage_names_avoid_existing_paths() {
         let name = format!("{TMP_PREFIX}stage-0");
