@@ -874,21 +874,6 @@ fn describe(op: &Op, e: &io::Error) -> String {
     format!("{what}: {e}; it is left as it was and retried on the next sync")
 }
 
-/// The status letter an applied operation is logged with.
-pub fn letter(op: &Op) -> &'static str {
-    match op {
-        Op::Stage { .. } => "stage",
-        Op::Remove { .. } => Code::Delete.letter(),
-        Op::Mkdir { code, .. }
-        | Op::Write { code, .. }
-        | Op::Symlink { code, .. }
-        | Op::Link { code, .. } => code.letter(),
-        Op::Rename { .. } => Code::Move.letter(),
-        Op::Copy { .. } => Code::Copy.letter(),
-        Op::SetMeta { .. } => Code::Meta.letter(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,6 +28,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::diff::Change;
 use crate::entry::{Content, Entry, Hash, Kind, RelPath, parent_of};
+use crate::replica::TMP_PREFIX;
 
 /// An entry of the source tree a plan was made from (see [`Plan::entry`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +100,21 @@ impl Op {
             | Op::Link { path, .. }
             | Op::SetMeta { path, .. } => path,
             Op::Rename { to, .. } | Op::Copy { to, .. } => to,
+        }
+    }
+
+    /// The letter an applied operation is logged with: its change's status letter, or `stage`.
+    pub fn letter(&self) -> &'static str {
+        match self {
+            Op::Stage { .. } => "stage",
+            Op::Remove { .. } => Code::Delete.letter(),
+            Op::Mkdir { code, .. }
+            | Op::Write { code, .. }
+            | Op::Symlink { code, .. }
+            | Op::Link { code, .. } => code.letter(),
+            Op::Rename { .. } => Code::Move.letter(),
+            Op::Copy { .. } => Code::Copy.letter(),
+            Op::SetMeta { .. } => Code::Meta.letter(),
         }
     }
 }
@@ -180,9 +196,6 @@ impl Plan {
             .count()
     }
 }
-
-/// Name prefix of every temporary node dirsync creates inside the replica.
-pub const TMP_PREFIX: &str = ".dirsync-tmp-";
 
 /// Builds the plan for `changes`. `src` and `dst` are the two trees the changes came from; the
 /// plan keeps a copy of `src`.

@@ -17,10 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 
-use super::{Check, Replica, Written};
+use super::{Check, Replica, TMP_PREFIX, Written};
 use crate::entry::{Fingerprint, Hash, Kind, Meta, RelPath, Time};
 use crate::hash;
-use crate::plan::TMP_PREFIX;
 
 /// A replica rooted at a directory that exists.
 pub struct LocalReplica {

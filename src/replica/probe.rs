@@ -10,8 +10,8 @@ use std::os::unix::ffi::OsStrExt;
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, Timespec, Timestamps};
 
+use super::TMP_PREFIX;
 use crate::entry::Time;
-use crate::plan::TMP_PREFIX;
 
 /// What a replica filesystem keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
