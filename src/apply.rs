@@ -34,7 +34,7 @@ use crate::index::{Index, Table, Update};
 use crate::oplog::OpLog;
 use crate::plan::{Code, Op, Plan};
 use crate::replica::Replica;
-use crate::scan::{fingerprint, meta_of, open_nofollow, vanished};
+use crate::scan::{open_nofollow, vanished};
 
 pub const BATCH_OPS: usize = 4096;
 pub const BATCH_TIME: Duration = Duration::from_secs(2);
@@ -517,11 +517,11 @@ impl SourceFile {
     }
 
     pub fn meta(&self) -> Meta {
-        meta_of(&self.before)
+        Meta::of_metadata(&self.before)
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
-        fingerprint(&self.before)
+        Fingerprint::of_metadata(&self.before)
     }
 
     pub fn len(&self) -> u64 {
@@ -543,7 +543,7 @@ impl SourceFile {
     /// read from a file that changed meanwhile may be a mix of two versions.
     pub fn check_unchanged(&self, n: u64) -> io::Result<()> {
         let after = self.file.metadata()?;
-        if fingerprint(&after) != self.fingerprint() || n != self.len() {
+        if Fingerprint::of_metadata(&after) != self.fingerprint() || n != self.len() {
             return Err(io::Error::other(
                 "changed while it was being copied; it will be copied on the next sync",
             ));

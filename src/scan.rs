@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as Slot;
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -325,8 +325,8 @@ impl Walker<'_> {
     fn push(&mut self, rel: RelPath, content: Content, st: &rfs::Stat, link: Option<RelPath>) {
         let entry = Entry {
             content,
-            meta: meta_of_stat(st),
-            fp: fingerprint_of_stat(st),
+            meta: Meta::of(st),
+            fp: Fingerprint::of(st),
             seen: self.seen,
             link,
         };
@@ -567,14 +567,14 @@ fn hash_one(opened: io::Result<File>, old: &Entry) -> HashResult {
     }
     let (h, n) = hash::hash_reader(&mut &file, before.size())?;
     let after = file.metadata()?;
-    let fp = fingerprint(&before);
-    let stable = fp == fingerprint(&after) && n == before.size();
+    let fp = Fingerprint::of_metadata(&before);
+    let stable = fp == Fingerprint::of_metadata(&after) && n == before.size();
     let e = Entry {
         content: Content::File {
             size: before.size(),
             hash: stable.then_some(h),
         },
-        meta: meta_of(&before),
+        meta: Meta::of_metadata(&before),
         fp,
         seen,
         link: old.link.clone(),
@@ -627,48 +627,6 @@ fn libc_flags() -> i32 {
 /// Errors that mean the path is simply gone (or was replaced mid-scan).
 pub fn vanished(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::NotFound) || e.raw_os_error() == Some(40) // ELOOP: now a symlink
-}
-
-fn meta_of_stat(st: &rfs::Stat) -> Meta {
-    Meta {
-        mode: st.st_mode & 0o7777,
-        mtime: Time {
-            sec: st.st_mtime,
-            nsec: st.st_mtime_nsec as u32,
-        },
-        uid: st.st_uid,
-        gid: st.st_gid,
-    }
-}
-
-pub use crate::replica::local::fingerprint_of as fingerprint_of_stat;
-
-pub fn meta_of(md: &Metadata) -> Meta {
-    Meta {
-        mode: md.mode() & 0o7777,
-        mtime: Time {
-            sec: md.mtime(),
-            nsec: md.mtime_nsec() as u32,
-        },
-        uid: md.uid(),
-        gid: md.gid(),
-    }
-}
-
-pub fn fingerprint(md: &Metadata) -> Fingerprint {
-    Fingerprint {
-        size: if md.is_dir() { 0 } else { md.size() },
-        mtime: Time {
-            sec: md.mtime(),
-            nsec: md.mtime_nsec() as u32,
-        },
-        ctime: Time {
-            sec: md.ctime(),
-            nsec: md.ctime_nsec() as u32,
-        },
-        ino: md.ino(),
-        dev: md.dev(),
-    }
 }
 
 #[cfg(test)]

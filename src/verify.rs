@@ -30,7 +30,7 @@ use crate::oplog::OpLog;
 use crate::replica::Replica;
 use crate::replica::local::LocalReplica;
 use crate::replica::root::ReplicaRoot;
-use crate::scan::{self, Root, Side, Tree, meta_of};
+use crate::scan::{self, Root, Side, Tree};
 
 /// What `verify` does about the differences it finds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -416,7 +416,7 @@ fn restore_dirs(
         let meta: io::Result<Meta> = match tree.get(&d) {
             Some(e) if e.is_dir() && !created.contains(&d) => Ok(e.meta),
             _ => std::fs::symlink_metadata(d.to_path(source)).and_then(|md| match md.is_dir() {
-                true => Ok(meta_of(&md)),
+                true => Ok(Meta::of_metadata(&md)),
                 false => Err(io::Error::other("not a directory in the source")),
             }),
         };

@@ -100,23 +100,6 @@ fn times(meta: &Meta) -> Timestamps {
     }
 }
 
-pub fn fingerprint_of(st: &rfs::Stat) -> Fingerprint {
-    let is_dir = rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory;
-    Fingerprint {
-        size: if is_dir { 0 } else { st.st_size as u64 },
-        mtime: Time {
-            sec: st.st_mtime,
-            nsec: st.st_mtime_nsec as u32,
-        },
-        ctime: Time {
-            sec: st.st_ctime,
-            nsec: st.st_ctime_nsec as u32,
-        },
-        ino: st.st_ino,
-        dev: st.st_dev,
-    }
-}
-
 impl LocalReplica {
     /// Opens the replica root, which must be an existing directory.
     pub fn open(root: &Path, owners: bool) -> io::Result<LocalReplica> {
@@ -251,7 +234,7 @@ impl LocalReplica {
         // Renaming onto another link of the same inode succeeds without doing anything.
         let _ = rfs::unlinkat(&d, os(&tmp), AtFlags::empty());
         let st = rfs::statat(&d, os(&name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
-        Ok(fingerprint_of(&st))
+        Ok(Fingerprint::of(&st))
     }
 
     /// The directory holding `path`, opened beneath the root without following symlinks.
@@ -492,7 +475,7 @@ impl LocalReplica {
         Ok(Written {
             hash,
             len,
-            fp: fingerprint_of(&st),
+            fp: Fingerprint::of(&st),
         })
     }
 
@@ -627,11 +610,11 @@ impl Replica for LocalReplica {
 
     fn stat(&self, path: &RelPath) -> io::Result<Fingerprint> {
         if path.is_root() {
-            return Ok(fingerprint_of(&rfs::fstat(&self.root).map_err(io_err)?));
+            return Ok(Fingerprint::of(&rfs::fstat(&self.root).map_err(io_err)?));
         }
         let (d, name) = self.parent(path)?;
         let st = rfs::statat(&d, os(&name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
-        Ok(fingerprint_of(&st))
+        Ok(Fingerprint::of(&st))
     }
 }
 
@@ -720,7 +703,7 @@ mod tests {
         assert_eq!(w.len, data.len() as u64);
         assert_eq!(
             w.fp,
-            crate::scan::fingerprint(&md),
+            Fingerprint::of_metadata(&md),
             "fingerprint of the file in place"
         );
     }
