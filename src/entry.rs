@@ -276,19 +276,18 @@ pub struct Meta {
 // (`rustix`) where the walkers and the local replica stat, from `std` where a file was opened
 // through `std::fs`. A directory's fingerprint has size 0: its `st_size` says nothing stable.
 
+/// A stat timestamp (seconds, nanoseconds) as a [`Time`].
+fn stamp(sec: i64, nsec: u32) -> Time {
+    Time { sec, nsec }
+}
+
 impl Fingerprint {
     pub fn of(st: &rustix::fs::Stat) -> Fingerprint {
         let is_dir = rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir();
         Fingerprint {
             size: if is_dir { 0 } else { st.st_size as u64 },
-            mtime: Time {
-                sec: st.st_mtime,
-                nsec: st.st_mtime_nsec as u32,
-            },
-            ctime: Time {
-                sec: st.st_ctime,
-                nsec: st.st_ctime_nsec as u32,
-            },
+            mtime: stamp(st.st_mtime, st.st_mtime_nsec as u32),
+            ctime: stamp(st.st_ctime, st.st_ctime_nsec as u32),
             ino: st.st_ino,
             dev: st.st_dev,
         }
@@ -297,14 +296,8 @@ impl Fingerprint {
     pub fn of_metadata(md: &std::fs::Metadata) -> Fingerprint {
         Fingerprint {
             size: if md.is_dir() { 0 } else { md.size() },
-            mtime: Time {
-                sec: md.mtime(),
-                nsec: md.mtime_nsec() as u32,
-            },
-            ctime: Time {
-                sec: md.ctime(),
-                nsec: md.ctime_nsec() as u32,
-            },
+            mtime: stamp(md.mtime(), md.mtime_nsec() as u32),
+            ctime: stamp(md.ctime(), md.ctime_nsec() as u32),
             ino: md.ino(),
             dev: md.dev(),
         }
@@ -315,10 +308,7 @@ impl Meta {
     pub fn of(st: &rustix::fs::Stat) -> Meta {
         Meta {
             mode: st.st_mode & 0o7777,
-            mtime: Time {
-                sec: st.st_mtime,
-                nsec: st.st_mtime_nsec as u32,
-            },
+            mtime: stamp(st.st_mtime, st.st_mtime_nsec as u32),
             uid: st.st_uid,
             gid: st.st_gid,
         }
@@ -327,10 +317,7 @@ impl Meta {
     pub fn of_metadata(md: &std::fs::Metadata) -> Meta {
         Meta {
             mode: md.mode() & 0o7777,
-            mtime: Time {
-                sec: md.mtime(),
-                nsec: md.mtime_nsec() as u32,
-            },
+            mtime: stamp(md.mtime(), md.mtime_nsec() as u32),
             uid: md.uid(),
             gid: md.gid(),
         }
