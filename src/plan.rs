@@ -1,7 +1,7 @@
 //! Pure: turns the list of changes into an ordered list of operations on the replica, finding
 //! moves, whole-directory moves and local copies by content hash.
 //!
-//! The planner runs in phases ([`Planner::run`]), each a function:
+//! The planner runs in phases (`Planner::run`), each a function:
 //! 1. classify the changes: replica nodes released, source nodes needed, metadata-only changes;
 //! 2. match whole-directory moves by tree hash;
 //! 3. match file moves and copy sources by content hash;
