@@ -686,9 +686,17 @@ fn chunks(plan: &Plan, run: &[Op]) -> Vec<usize> {
 }
 
 /// Test hook: `DIRSYNC_FAULT_KILL_AFTER=N` kills the process with SIGKILL right after the N-th
-/// applied operation, before its record is committed, as a crash or `kill -9` would.
+/// applied operation, before its record is committed, as a crash or `kill -9` would. Built
+/// only with the `fault-hooks` feature, which every test build has and no other build
+/// (docs/ARCHITECTURE.md, "Fault hooks").
+#[cfg(feature = "fault-hooks")]
 fn fault_kill_after() -> Option<u64> {
     std::env::var("DIRSYNC_FAULT_KILL_AFTER").ok()?.parse().ok()
+}
+
+#[cfg(not(feature = "fault-hooks"))]
+fn fault_kill_after() -> Option<u64> {
+    None
 }
 
 /// Applies `plan` to `replica`, reading new content beneath the held `source` root.
@@ -912,21 +920,6 @@ fn describe(op: &Op, e: &io::Error) -> String {
         Op::SetMeta { path, .. } => format!("cannot set metadata of {path}"),
     };
     format!("{what}: {e}; it is left as it was and retried on the next sync")
-}
-
-/// The status letter an applied operation is logged with.
-pub fn letter(op: &Op) -> &'static str {
-    match op {
-        Op::Stage { .. } => "stage",
-        Op::Remove { .. } => Code::Delete.letter(),
-        Op::Mkdir { code, .. }
-        | Op::Write { code, .. }
-        | Op::Symlink { code, .. }
-        | Op::Link { code, .. } => code.letter(),
-        Op::Rename { .. } => Code::Move.letter(),
-        Op::Copy { .. } => Code::Copy.letter(),
-        Op::SetMeta { .. } => Code::Meta.letter(),
-    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 use std::ffi::OsStr;
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -269,6 +270,58 @@ pub struct Meta {
     pub mtime: Time,
     pub uid: u32,
     pub gid: u32,
+}
+
+// The only conversions of a stat result into a fingerprint or metadata: from `fstatat`
+// (`rustix`) where the walkers and the local replica stat, from `std` where a file was opened
+// through `std::fs`. A directory's fingerprint has size 0: its `st_size` says nothing stable.
+
+/// A stat timestamp (seconds, nanoseconds) as a [`Time`].
+fn stamp(sec: i64, nsec: u32) -> Time {
+    Time { sec, nsec }
+}
+
+impl Fingerprint {
+    pub fn of(st: &rustix::fs::Stat) -> Fingerprint {
+        let is_dir = rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir();
+        Fingerprint {
+            size: if is_dir { 0 } else { st.st_size as u64 },
+            mtime: stamp(st.st_mtime, st.st_mtime_nsec as u32),
+            ctime: stamp(st.st_ctime, st.st_ctime_nsec as u32),
+            ino: st.st_ino,
+            dev: st.st_dev,
+        }
+    }
+
+    pub fn of_metadata(md: &std::fs::Metadata) -> Fingerprint {
+        Fingerprint {
+            size: if md.is_dir() { 0 } else { md.size() },
+            mtime: stamp(md.mtime(), md.mtime_nsec() as u32),
+            ctime: stamp(md.ctime(), md.ctime_nsec() as u32),
+            ino: md.ino(),
+            dev: md.dev(),
+        }
+    }
+}
+
+impl Meta {
+    pub fn of(st: &rustix::fs::Stat) -> Meta {
+        Meta {
+            mode: st.st_mode & 0o7777,
+            mtime: stamp(st.st_mtime, st.st_mtime_nsec as u32),
+            uid: st.st_uid,
+            gid: st.st_gid,
+        }
+    }
+
+    pub fn of_metadata(md: &std::fs::Metadata) -> Meta {
+        Meta {
+            mode: md.mode() & 0o7777,
+            mtime: stamp(md.mtime(), md.mtime_nsec() as u32),
+            uid: md.uid(),
+            gid: md.gid(),
+        }
+    }
 }
 
 /// The content of a node. `None` hashes are not known yet: a file whose size matches no file on

@@ -1,12 +1,14 @@
 //! dirsync keeps a replica directory an exact copy of a source directory.
 //!
 //! Layering, bottom up (a module uses only modules below it):
-//! - [`entry`], [`error`], [`hash`]: the data model, errors, hashing.
+//! - [`entry`], [`error`], [`hash`]: the data model (with the one stat conversion), errors,
+//!   hashing.
 //! - [`index`] (the only user of redb), [`scan`] (walks a tree), [`replica`] (the only writer to
-//!   the destination), [`nesting`] (whether one directory is inside another).
+//!   the destination; owns the temporary-name prefix), [`nesting`] (whether one directory is
+//!   inside another).
 //! - [`diff`] and [`plan`]: pure functions from two trees to an ordered list of operations.
 //! - [`merge`]: scans both trees at once in bounded memory, keeping what may differ.
-//! - [`apply`] runs a plan; [`oplog`] logs it.
+//! - [`oplog`] logs operations; [`apply`] runs a plan and logs it.
 //! - [`sync`], [`watch`], [`verify`], [`report`]: the commands; [`config`] validates their input.
 //!
 //! See `docs/ARCHITECTURE.md` for the data flow, the index schema and the invariants.

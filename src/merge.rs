@@ -21,7 +21,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use crate::entry::{Content, Entry, Hash, RelPath};
 use crate::error::Result;
 use crate::index::{Cursor, Snapshot, Table};
-use crate::plan::TMP_PREFIX;
+use crate::replica::TMP_PREFIX;
 use crate::replica::probe::FsTraits;
 use crate::scan::{self, Root, Tree};
 

@@ -8,7 +8,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::SystemTime;
 
-use crate::apply::letter;
 use crate::error::{Error, Result};
 use crate::plan::Op;
 
@@ -63,13 +62,13 @@ impl OpLog {
             return;
         }
         let text = match op {
-            Op::Stage { from, tmp } => format!("{} {from} -> {tmp}", letter(op)),
-            Op::Rename { orig, to, .. } => format!("{} {orig} -> {to}", letter(op)),
-            Op::Copy { from, to, .. } => format!("{} {from} -> {to}", letter(op)),
+            Op::Stage { from, tmp } => format!("{} {from} -> {tmp}", op.letter()),
+            Op::Rename { orig, to, .. } => format!("{} {orig} -> {to}", op.letter()),
+            Op::Copy { from, to, .. } => format!("{} {from} -> {to}", op.letter()),
             Op::Link { leader, path, .. } => {
-                format!("{} {path} (hard link to {leader})", letter(op))
+                format!("{} {path} (hard link to {leader})", op.letter())
             }
-            other => format!("{} {}", letter(other), other.target()),
+            other => format!("{} {}", other.letter(), other.target()),
         };
         self.line(&text);
     }

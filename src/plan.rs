@@ -1,6 +1,13 @@
 //! Pure: turns the list of changes into an ordered list of operations on the replica, finding
 //! moves, whole-directory moves and local copies by content hash.
 //!
+//! The planner runs in phases (`Planner::run`), each a function:
+//! 1. classify the changes: replica nodes released, source nodes needed, metadata-only changes;
+//! 2. match whole-directory moves by tree hash;
+//! 3. match file moves and copy sources by content hash;
+//! 4. emit the operations, one function per step of the order below;
+//! 5. name the status items.
+//!
 //! Operation order, and why it is safe:
 //! 1. `Stage`: a move source (file or whole directory) is renamed to a fresh name at the replica
 //!    root. Nothing else can then delete or overwrite it, and swaps and cycles need no special
@@ -21,6 +28,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::diff::Change;
 use crate::entry::{Content, Entry, Hash, Kind, RelPath, parent_of};
+use crate::replica::TMP_PREFIX;
 
 /// An entry of the source tree a plan was made from (see [`Plan::entry`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +100,21 @@ impl Op {
             | Op::Link { path, .. }
             | Op::SetMeta { path, .. } => path,
             Op::Rename { to, .. } | Op::Copy { to, .. } => to,
+        }
+    }
+
+    /// The letter an applied operation is logged with: its change's status letter, or `stage`.
+    pub fn letter(&self) -> &'static str {
+        match self {
+            Op::Stage { .. } => "stage",
+            Op::Remove { .. } => Code::Delete.letter(),
+            Op::Mkdir { code, .. }
+            | Op::Write { code, .. }
+            | Op::Symlink { code, .. }
+            | Op::Link { code, .. } => code.letter(),
+            Op::Rename { .. } => Code::Move.letter(),
+            Op::Copy { .. } => Code::Copy.letter(),
+            Op::SetMeta { .. } => Code::Meta.letter(),
         }
     }
 }
@@ -174,9 +197,6 @@ impl Plan {
     }
 }
 
-/// Name prefix of every temporary node dirsync creates inside the replica.
-pub const TMP_PREFIX: &str = ".dirsync-tmp-";
-
 /// Builds the plan for `changes`. `src` and `dst` are the two trees the changes came from; the
 /// plan keeps a copy of `src`.
 pub fn plan(
@@ -219,12 +239,79 @@ struct Planner<'a> {
     next_tmp: u64,
 }
 
+/// The changes sorted by what they ask of the replica (see [`classify`]).
+struct Classes<'c> {
+    /// Replica nodes that go away: deleted, or replaced by other content or another kind.
+    released: Vec<(&'c RelPath, &'c Entry)>,
+    /// Source nodes that must be produced, with what `status` calls them.
+    needed: Vec<(&'c RelPath, &'c Entry, Code)>,
+    /// Nodes that keep their content and take the source's metadata.
+    metas: Vec<(&'c RelPath, &'c Entry)>,
+}
+
+/// A replica node (a file, or a directory with its subtree) renamed from `from` to `to`, where
+/// it must match the source entry `entry`.
+struct Move<'c> {
+    from: RelPath,
+    to: RelPath,
+    entry: &'c Entry,
+}
+
+/// How the needed paths that are not moved get their content (see [`Planner::match_files`]).
+#[derive(Default)]
+struct Built<'c> {
+    /// `Copy` operations from replica files.
+    copies: Vec<Op>,
+    /// Files and symlinks written from the source, as (path, entry, code).
+    writes: Vec<(&'c RelPath, &'c Entry, Code)>,
+    /// `Link` operations to hard-link leaders.
+    links: Vec<Op>,
+    /// Bytes the writes read from the source.
+    bytes: u64,
+}
+
+/// Replica files that can give a needed file its content, by hash.
+struct Pools<'c> {
+    /// Released files, each usable once as a move source.
+    vanishing: HashMap<Hash, VecDeque<&'c RelPath>>,
+    /// Files that stay where they are (in the kept tree or among the copy sources).
+    stable: HashMap<Hash, RelPath>,
+    /// Files that are in place once the moves are done, at their new paths.
+    moved_in: HashMap<Hash, RelPath>,
+}
+
 /// Where a needed path's content comes from.
 enum Source {
     Move(RelPath),
     /// From a replica file; with its replica entry when that is still valid at copy time.
     Copy(RelPath, Option<Entry>),
     Fresh,
+}
+
+/// Phase 1: sorts the changes into released replica nodes, needed source nodes and
+/// metadata-only changes. A modification or type change is both released and needed.
+fn classify<'c>(changes: &[Change<'c>]) -> Classes<'c> {
+    let mut classes = Classes {
+        released: Vec::new(),
+        needed: Vec::new(),
+        metas: Vec::new(),
+    };
+    for &c in changes {
+        match c {
+            Change::Add { path, src } => classes.needed.push((path, src, Code::Add)),
+            Change::Modify { path, src, dst } => {
+                classes.released.push((path, dst));
+                classes.needed.push((path, src, Code::Modify));
+            }
+            Change::Type { path, src, dst } => {
+                classes.released.push((path, dst));
+                classes.needed.push((path, src, Code::Type));
+            }
+            Change::Delete { path, dst } => classes.released.push((path, dst)),
+            Change::Meta { path, src, .. } => classes.metas.push((path, src)),
+        }
+    }
+    classes
 }
 
 impl Planner<'_> {
@@ -253,30 +340,57 @@ impl Planner<'_> {
         }
     }
 
-    fn run(mut self, changes: &[Change]) -> Plan {
-        // Replica nodes that go away, and source nodes that must be produced.
-        let mut released: Vec<(&RelPath, &Entry)> = Vec::new();
-        let mut needed: Vec<(&RelPath, &Entry, Code)> = Vec::new();
-        let mut metas: Vec<(&RelPath, &Entry)> = Vec::new();
-        for &c in changes {
-            match c {
-                Change::Add { path, src } => needed.push((path, src, Code::Add)),
-                Change::Modify { path, src, dst } => {
-                    released.push((path, dst));
-                    needed.push((path, src, Code::Modify));
-                }
-                Change::Type { path, src, dst } => {
-                    released.push((path, dst));
-                    needed.push((path, src, Code::Type));
-                }
-                Change::Delete { path, dst } => released.push((path, dst)),
-                Change::Meta { path, src, .. } => metas.push((path, src)),
-            }
-        }
+    /// Runs the phases of the module doc in turn.
+    fn run<'c>(mut self, changes: &[Change<'c>]) -> Plan {
+        let mut classes = classify(changes);
+        // Every replica path that will not be where it is now, for choosing copy sources.
+        let gone: HashSet<&RelPath> = classes.released.iter().map(|(p, _)| *p).collect();
+        let mut moves = self.match_dir_moves(&mut classes);
+        let built = self.match_files(&classes, &gone, &mut moves);
 
-        // Whole-directory moves: a new directory whose tree hash a vanishing one has.
+        // An upper bound on the operations below (stage, rename and metadata per move; one per
+        // released, needed and metadata-only path; one per source directory), so that an
+        // initial sync's list is allocated once instead of doubling past it.
+        let src_dirs = self.src.iter().filter(|(_, e)| e.is_dir()).count();
+        let Classes {
+            released,
+            needed,
+            metas,
+        } = &classes;
+        let mut ops = Vec::with_capacity(
+            3 * moves.len() + released.len() + needed.len() + metas.len() + src_dirs,
+        );
+        let staged = self.emit_stage(&moves, &gone, &mut ops);
+        self.emit_remove(released, &moves, &mut ops);
+        self.emit_mkdir(needed, &mut ops);
+        let moved_meta = self.emit_rename(moves, &staged, &mut ops);
+        // Steps 5 and 7 were built with the sources they copy or link from.
+        ops.extend(built.copies);
+        self.emit_write(&built.writes, &mut ops);
+        ops.extend(built.links);
+        // Step 8: moved files, metadata-only changes, then directories.
+        ops.extend(moved_meta);
+        self.emit_meta(metas, &mut ops);
+        self.emit_dir_meta(metas, &mut ops);
+
+        // At most one item per change: sized up front, as an initial sync has one per path.
+        let items = self.status_items(&ops, &classes, changes.len());
+        Plan {
+            ops,
+            items,
+            bytes_to_copy: built.bytes,
+            source: Vec::new(),
+        }
+    }
+
+    /// Phase 2, whole-directory moves: a needed directory with children takes a released
+    /// directory with children and the same tree hash. A replica subtree is moved at most once
+    /// and never overlaps another moved away; a needed directory inside one moved in is not
+    /// matched again. Returns the moves and takes what they carry out of `classes`: the
+    /// subtrees moved away are no longer released, the subtrees moved in no longer needed.
+    fn match_dir_moves<'c>(&self, classes: &mut Classes<'c>) -> Vec<Move<'c>> {
         let mut dir_pool: HashMap<Hash, VecDeque<&RelPath>> = HashMap::new();
-        for (path, e) in &released {
+        for &(path, e) in &classes.released {
             if let Content::Dir { tree: Some(h) } = e.content
                 && self.has_children(self.dst, path)
             {
@@ -285,10 +399,8 @@ impl Planner<'_> {
         }
         let mut consumed: Vec<RelPath> = Vec::new(); // replica subtrees moved away whole
         let mut covered: HashSet<RelPath> = HashSet::new(); // source subtrees moved in whole
-        let mut moves: Vec<(RelPath, RelPath, &Entry)> = Vec::new(); // (from, to, src entry)
-        // At most one item per change: sized up front, as an initial sync has one per path.
-        let mut items = Vec::with_capacity(changes.len());
-        for &(path, e, _) in &needed {
+        let mut moves = Vec::new();
+        for &(path, e, _) in &classes.needed {
             let Content::Dir { tree: Some(h) } = e.content else {
                 continue;
             };
@@ -307,48 +419,114 @@ impl Planner<'_> {
                 let from = q.remove(k).expect("index is in range");
                 consumed.push(from.clone());
                 covered.insert(path.clone());
-                items.push(Item {
-                    code: Code::Move,
-                    path: path.clone(),
-                    from: Some(from.clone()),
+                moves.push(Move {
+                    from: from.clone(),
+                    to: path.clone(),
+                    entry: e,
                 });
-                moves.push((from.clone(), path.clone(), e));
             }
         }
-        // Every replica path that will not be where it is now, for choosing copy sources.
-        let gone: HashSet<&RelPath> = released.iter().map(|(p, _)| *p).collect();
         let is_consumed = |p: &RelPath| consumed.iter().any(|c| c == p || c.is_ancestor_of(p));
-        released.retain(|(p, _)| !is_consumed(p));
-        needed.retain(|(p, ..)| !under_any(&covered, p) && !covered.contains(*p));
+        classes.released.retain(|(p, _)| !is_consumed(p));
+        classes
+            .needed
+            .retain(|(p, ..)| !under_any(&covered, p) && !covered.contains(*p));
+        moves
+    }
 
-        // File moves: a needed file whose hash a vanishing file has.
-        // A file with other hard links in the replica is never moved: renaming one link onto
-        // another of the same inode succeeds without doing anything (POSIX rename).
+    /// Phase 3, file moves and copy sources: each needed file gets its content from a released
+    /// file with its hash (a move, added to `moves`), else a copy of a replica file that stays
+    /// or was just moved in, else the source; a hard link links to its leader. Never from its
+    /// own path, and never from a path in `gone`.
+    fn match_files<'c>(
+        &self,
+        classes: &Classes<'c>,
+        gone: &HashSet<&RelPath>,
+        moves: &mut Vec<Move<'c>>,
+    ) -> Built<'c> {
+        let mut pools = Pools {
+            vanishing: self.vanishing_files(&classes.released),
+            stable: self.stable_files(&classes.needed, gone),
+            moved_in: self.moved_in(moves),
+        };
+        let mut built = Built::default();
+        for &(path, e, code) in &classes.needed {
+            match &e.content {
+                Content::File { hash, size } => {
+                    if let Some(leader) = &e.link {
+                        built.links.push(Op::Link {
+                            leader: leader.clone(),
+                            path: path.clone(),
+                            src: self.src_ref(e),
+                            code,
+                        });
+                        continue;
+                    }
+                    let source = match hash {
+                        None => Source::Fresh,
+                        Some(h) => self.find_source(h, path, &mut pools),
+                    };
+                    match source {
+                        Source::Move(from) => {
+                            if let Some(h) = hash {
+                                pools.moved_in.entry(*h).or_insert_with(|| path.clone());
+                            }
+                            moves.push(Move {
+                                from,
+                                to: path.clone(),
+                                entry: e,
+                            });
+                        }
+                        Source::Copy(from, trusted) => built.copies.push(Op::Copy {
+                            trusted: trusted.map(Box::new),
+                            from,
+                            to: path.clone(),
+                            src: self.src_ref(e),
+                        }),
+                        Source::Fresh => {
+                            built.bytes += size;
+                            built.writes.push((path, e, code));
+                        }
+                    }
+                }
+                Content::Symlink { .. } => built.writes.push((path, e, code)),
+                Content::Dir { .. } | Content::Special => {}
+            }
+        }
+        built
+    }
+
+    /// Released files that can be moved, by content.
+    /// A file with other hard links in the replica is never moved: renaming one link onto
+    /// another of the same inode succeeds without doing anything (POSIX rename).
+    fn vanishing_files<'c>(
+        &self,
+        released: &[(&'c RelPath, &'c Entry)],
+    ) -> HashMap<Hash, VecDeque<&'c RelPath>> {
         let linked: HashSet<&RelPath> = self
             .dst
             .iter()
             .filter_map(|(_, e)| e.link.as_ref())
             .collect();
-        let mut file_pool: HashMap<Hash, VecDeque<&RelPath>> = HashMap::new();
-        for (path, e) in &released {
+        let mut pool: HashMap<Hash, VecDeque<&RelPath>> = HashMap::new();
+        for &(path, e) in released {
             if e.link.is_some() || linked.contains(path) {
                 continue;
             }
             if let (Kind::File, Some(h)) = (e.kind(), e.file_hash()) {
-                file_pool.entry(h).or_default().push_back(path);
+                pool.entry(h).or_default().push_back(path);
             }
         }
-        // Files that are in place once the moves are done, by content.
-        let mut moved_in: HashMap<Hash, RelPath> = HashMap::new();
-        for (from, to, _) in &moves {
-            for (p, e) in &self.dst[from.descendants_in(self.dst, |x| &x.0)] {
-                if let Some(h) = e.file_hash() {
-                    moved_in.entry(h).or_insert_with(|| p.rebase(from, to));
-                }
-            }
-        }
-        // Replica files that stay where they are, by content: one pass, filtered by the hashes
-        // wanted when those are fewer than the replica files.
+        pool
+    }
+
+    /// Replica files that stay where they are, by content: one pass, filtered by the hashes
+    /// wanted when those are fewer than the replica files.
+    fn stable_files(
+        &self,
+        needed: &[(&RelPath, &Entry, Code)],
+        gone: &HashSet<&RelPath>,
+    ) -> HashMap<Hash, RelPath> {
         let replica_files = self.dst.iter().chain(self.copy_sources);
         let wanted: Option<HashSet<Hash>> = (needed.len() < self.dst.len()).then(|| {
             needed
@@ -368,98 +546,50 @@ impl Planner<'_> {
                 }
             }
         }
-        let mut copies = Vec::new();
-        // Files and symlinks written from the source, as (path, entry, code).
-        let mut writes = Vec::new();
-        let mut links = Vec::new();
-        let mut bytes = 0;
-        for &(path, e, code) in &needed {
-            match &e.content {
-                Content::File { hash, size } => {
-                    if let Some(leader) = &e.link {
-                        links.push(Op::Link {
-                            leader: leader.clone(),
-                            path: path.clone(),
-                            src: self.src_ref(e),
-                            code,
-                        });
-                        items.push(Item {
-                            code,
-                            path: path.clone(),
-                            from: None,
-                        });
-                        continue;
-                    }
-                    let source = match hash {
-                        None => Source::Fresh,
-                        Some(h) => self.find_source(h, path, &mut file_pool, &stable, &moved_in),
-                    };
-                    match source {
-                        Source::Move(from) => {
-                            items.push(Item {
-                                code: Code::Move,
-                                path: path.clone(),
-                                from: Some(from.clone()),
-                            });
-                            if let Some(h) = hash {
-                                moved_in.entry(*h).or_insert_with(|| path.clone());
-                            }
-                            moves.push((from, path.clone(), e));
-                        }
-                        Source::Copy(from, trusted) => {
-                            items.push(Item {
-                                code: Code::Copy,
-                                path: path.clone(),
-                                from: Some(from.clone()),
-                            });
-                            copies.push(Op::Copy {
-                                trusted: trusted.map(Box::new),
-                                from,
-                                to: path.clone(),
-                                src: self.src_ref(e),
-                            });
-                        }
-                        Source::Fresh => {
-                            bytes += size;
-                            items.push(Item {
-                                code,
-                                path: path.clone(),
-                                from: None,
-                            });
-                            writes.push((path, e, code));
-                        }
-                    }
-                }
-                Content::Symlink { .. } => {
-                    items.push(Item {
-                        code,
-                        path: path.clone(),
-                        from: None,
-                    });
-                    writes.push((path, e, code));
-                }
-                Content::Dir { .. } | Content::Special => {
-                    items.push(Item {
-                        code,
-                        path: path.clone(),
-                        from: None,
-                    });
+        stable
+    }
+
+    /// Files that are in place once the directory moves are done, by content.
+    fn moved_in(&self, moves: &[Move]) -> HashMap<Hash, RelPath> {
+        let mut moved_in: HashMap<Hash, RelPath> = HashMap::new();
+        for Move { from, to, .. } in moves {
+            for (p, e) in &self.dst[from.descendants_in(self.dst, |x| &x.0)] {
+                if let Some(h) = e.file_hash() {
+                    moved_in.entry(h).or_insert_with(|| p.rebase(from, to));
                 }
             }
         }
-        // A move's target was a vanishing node too (a Modify); it was staged, not removed.
-        let move_sources: HashSet<RelPath> = moves.iter().map(|(f, ..)| f.clone()).collect();
+        moved_in
+    }
 
-        let direct = self.direct_moves(&moves, &gone);
-        // An upper bound on the operations below (stage, rename and metadata per move; one per
-        // released, needed and metadata-only path; one per source directory), so that an
-        // initial sync's list is allocated once instead of doubling past it.
-        let src_dirs = self.src.iter().filter(|(_, e)| e.is_dir()).count();
-        let mut ops = Vec::with_capacity(
-            3 * moves.len() + released.len() + needed.len() + metas.len() + src_dirs,
-        );
+    fn find_source(&self, h: &Hash, path: &RelPath, pools: &mut Pools) -> Source {
+        if let Some(q) = pools.vanishing.get_mut(h)
+            && let Some(k) = q.iter().position(|r| *r != path)
+        {
+            let from = q.remove(k).expect("index is in range");
+            return Source::Move(from.clone());
+        }
+        if let Some(from) = pools.stable.get(h).filter(|f| *f != path) {
+            let trusted = lookup(self.dst, from).or_else(|| lookup(self.copy_sources, from));
+            return Source::Copy(from.clone(), trusted.cloned());
+        }
+        match pools.moved_in.get(h) {
+            Some(from) if from != path => Source::Copy(from.clone(), None),
+            _ => Source::Fresh,
+        }
+    }
+
+    /// Phase 4, step 1: stages every move source that [`Self::direct_moves`] does not rename straight
+    /// to its target. Returns the staging name of each staged source.
+    fn emit_stage(
+        &mut self,
+        moves: &[Move],
+        gone: &HashSet<&RelPath>,
+        ops: &mut Vec<Op>,
+    ) -> HashMap<RelPath, RelPath> {
+        let direct = self.direct_moves(moves, gone);
         let mut staged = HashMap::new();
-        for (from, ..) in &moves {
+        for Move { from, .. } in moves {
             if direct.contains(from) {
                 continue;
             }
@@ -470,8 +600,14 @@ impl Planner<'_> {
             });
             staged.insert(from.clone(), tmp);
         }
+        staged
+    }
 
-        // Removals, children first. Modified files and symlinks are replaced in place.
+    /// Phase 4, step 2: removes the released nodes that are neither moved nor replaced in place,
+    /// children first (reverse canonical order).
+    fn emit_remove(&self, released: &[(&RelPath, &Entry)], moves: &[Move], ops: &mut Vec<Op>) {
+        // A move's target was a vanishing node too (a Modify); it was staged, not removed.
+        let move_sources: HashSet<&RelPath> = moves.iter().map(|m| &m.from).collect();
         let mut removals: Vec<(&RelPath, Kind)> = released
             .iter()
             .filter(|(p, e)| {
@@ -483,14 +619,16 @@ impl Planner<'_> {
             .collect();
         removals.sort_by(|a, b| b.0.cmp(a.0));
         for (path, kind) in removals {
-            items_delete(&mut items, path, self.src_kind(path).is_none());
             ops.push(Op::Remove {
                 path: path.clone(),
                 kind,
             });
         }
+    }
 
-        for &(path, e, code) in &needed {
+    /// Phase 4, step 3: creates the needed directories, parents first (canonical order).
+    fn emit_mkdir(&self, needed: &[(&RelPath, &Entry, Code)], ops: &mut Vec<Op>) {
+        for &(path, e, code) in needed {
             if e.is_dir() {
                 ops.push(Op::Mkdir {
                     path: path.clone(),
@@ -499,8 +637,19 @@ impl Planner<'_> {
                 });
             }
         }
+    }
+
+    /// Phase 4, step 4: renames every move to its target, from its staging name or straight from its
+    /// source. Returns the metadata operations of moved files whose metadata differ, for
+    /// step 8 (a moved directory gets its metadata with the other directories).
+    fn emit_rename(
+        &self,
+        moves: Vec<Move>,
+        staged: &HashMap<RelPath, RelPath>,
+        ops: &mut Vec<Op>,
+    ) -> Vec<Op> {
         let mut moved_meta = Vec::new();
-        for (from, to, e) in moves {
+        for Move { from, to, entry: e } in moves {
             let old = lookup(self.dst, &from).expect("a move source is in the replica");
             if !old.same_meta(e, self.owners) && !e.is_dir() {
                 moved_meta.push(Op::SetMeta {
@@ -515,34 +664,38 @@ impl Planner<'_> {
                 src: self.src_ref(e),
             });
         }
-        ops.extend(copies);
-        for (path, e, code) in writes {
+        moved_meta
+    }
+
+    /// Phase 4, step 6: writes files and symlinks from the source.
+    fn emit_write(&self, writes: &[(&RelPath, &Entry, Code)], ops: &mut Vec<Op>) {
+        for &(path, e, code) in writes {
             let (path, src) = (path.clone(), self.src_ref(e));
             ops.push(match e.kind() {
                 Kind::Symlink => Op::Symlink { path, src, code },
                 _ => Op::Write { path, src, code },
             });
         }
-        ops.extend(links);
-        ops.extend(moved_meta);
-        for (path, e) in &metas {
+    }
+
+    /// Phase 4, step 8: metadata-only changes of files and symlinks (a directory's comes last).
+    fn emit_meta(&self, metas: &[(&RelPath, &Entry)], ops: &mut Vec<Op>) {
+        for &(path, e) in metas {
             if !e.is_dir() {
                 ops.push(Op::SetMeta {
-                    path: (*path).clone(),
+                    path: path.clone(),
                     src: self.src_ref(e),
                 });
             }
-            items.push(Item {
-                code: Code::Meta,
-                path: (*path).clone(),
-                from: None,
-            });
         }
+    }
 
-        // Directory metadata last: every directory that was created, moved, changed, or had an
-        // entry added or removed (which bumps its mtime).
+    /// Phase 4, step 8, last: directory metadata, children first, of every directory that was created,
+    /// moved, changed, or had an entry added or removed (which bumps its mtime) by `ops`, and
+    /// of the metadata-only changed directories in `metas`.
+    fn emit_dir_meta(&self, metas: &[(&RelPath, &Entry)], ops: &mut Vec<Op>) {
         let mut dirs: HashSet<&[u8]> = HashSet::new();
-        for op in &ops {
+        for op in ops.iter() {
             match op {
                 Op::Stage { from, tmp } => {
                     touch(&mut dirs, from);
@@ -561,7 +714,7 @@ impl Planner<'_> {
                 other => touch(&mut dirs, other.target()),
             }
         }
-        for (path, e) in &metas {
+        for (path, e) in metas {
             if e.is_dir() {
                 dirs.insert(path.as_bytes());
             }
@@ -579,51 +732,52 @@ impl Planner<'_> {
                 src: self.src_ref(e),
             });
         }
-
-        items.sort_unstable_by(|a, b| (&a.path, a.code, &a.from).cmp(&(&b.path, b.code, &b.from)));
-        Plan {
-            ops,
-            items,
-            bytes_to_copy: bytes,
-            source: Vec::new(),
-        }
     }
 
-    fn find_source(
-        &self,
-        h: &Hash,
-        path: &RelPath,
-        pool: &mut HashMap<Hash, VecDeque<&RelPath>>,
-        stable: &HashMap<Hash, RelPath>,
-        moved_in: &HashMap<Hash, RelPath>,
-    ) -> Source {
-        if let Some(q) = pool.get_mut(h)
-            && let Some(k) = q.iter().position(|r| *r != path)
-        {
-            let from = q.remove(k).expect("index is in range");
-            return Source::Move(from.clone());
+    /// Phase 5: one `status` item per change that `ops` carry out (the operation that produces
+    /// or removes a path names it), one per needed special file (reported, never created) and
+    /// one per metadata-only change; sorted by path.
+    fn status_items(&self, ops: &[Op], classes: &Classes, capacity: usize) -> Vec<Item> {
+        let item = |code, path: &RelPath, from: Option<&RelPath>| Item {
+            code,
+            path: path.clone(),
+            from: from.cloned(),
+        };
+        let mut items = Vec::with_capacity(capacity);
+        for op in ops {
+            match op {
+                Op::Rename { orig, to, .. } => items.push(item(Code::Move, to, Some(orig))),
+                Op::Copy { from, to, .. } => items.push(item(Code::Copy, to, Some(from))),
+                Op::Mkdir { path, code, .. }
+                | Op::Write { path, code, .. }
+                | Op::Symlink { path, code, .. }
+                | Op::Link { path, code, .. } => items.push(item(*code, path, None)),
+                // A type change shows as `T` from its needed side; only a plain deletion shows `D`.
+                Op::Remove { path, .. } if self.src_kind(path).is_none() => {
+                    items.push(item(Code::Delete, path, None));
+                }
+                Op::Stage { .. } | Op::Remove { .. } | Op::SetMeta { .. } => {}
+            }
         }
-        if let Some(from) = stable.get(h).filter(|f| *f != path) {
-            let trusted = lookup(self.dst, from).or_else(|| lookup(self.copy_sources, from));
-            return Source::Copy(from.clone(), trusted.cloned());
+        for &(path, e, code) in &classes.needed {
+            if e.kind() == Kind::Special {
+                items.push(item(code, path, None));
+            }
         }
-        match moved_in.get(h) {
-            Some(from) if from != path => Source::Copy(from.clone(), None),
-            _ => Source::Fresh,
+        for &(path, _) in &classes.metas {
+            items.push(item(Code::Meta, path, None));
         }
+        items.sort_unstable_by(|a, b| (&a.path, a.code, &a.from).cmp(&(&b.path, b.code, &b.from)));
+        items
     }
 
     /// The move sources that can be renamed straight to their destination at step 4: the
     /// source is gone from the source tree, the destination is free in the replica, neither is
     /// below the other, and no proper ancestor of either is released, staged, or a move
     /// destination. Steps 1 to 3 then leave both places and their ancestors as they are.
-    fn direct_moves(
-        &self,
-        moves: &[(RelPath, RelPath, &Entry)],
-        gone: &HashSet<&RelPath>,
-    ) -> HashSet<RelPath> {
+    fn direct_moves(&self, moves: &[Move], gone: &HashSet<&RelPath>) -> HashSet<RelPath> {
         let mut blocked: HashSet<&[u8]> = gone.iter().map(|p| p.as_bytes()).collect();
-        for (from, to, _) in moves {
+        for Move { from, to, .. } in moves {
             blocked.insert(from.as_bytes());
             blocked.insert(to.as_bytes());
         }
@@ -639,7 +793,7 @@ impl Planner<'_> {
         };
         moves
             .iter()
-            .filter(|(from, to, _)| {
+            .filter(|Move { from, to, .. }| {
                 lookup(self.src, from).is_none()
                     && lookup(self.dst, to).is_none()
                     && !from.is_ancestor_of(to)
@@ -647,7 +801,7 @@ impl Planner<'_> {
                     && clear_above(from)
                     && clear_above(to)
             })
-            .map(|(from, ..)| from.clone())
+            .map(|m| m.from.clone())
             .collect()
     }
 
@@ -657,17 +811,6 @@ impl Planner<'_> {
 
     fn src_kind(&self, path: &RelPath) -> Option<Kind> {
         lookup(self.src, path).map(Entry::kind)
-    }
-}
-
-fn items_delete(items: &mut Vec<Item>, path: &RelPath, deleted: bool) {
-    // A type change shows as `T` from its needed side; only a plain deletion shows `D`.
-    if deleted {
-        items.push(Item {
-            code: Code::Delete,
-            path: path.clone(),
-            from: None,
-        });
     }
 }
 
@@ -794,11 +937,30 @@ mod tests {
 
     /// Plans src over dst, runs the plan, and checks the result mirrors src.
     fn check(src: &[(RelPath, Entry)], dst: &[(RelPath, Entry)]) -> Plan {
+        check_with(src, dst, &[])
+    }
+
+    /// [`check`] with replica files that the trees left out as unchanged, offered as copy
+    /// sources. A special file is reported, not created.
+    fn check_with(
+        src: &[(RelPath, Entry)],
+        dst: &[(RelPath, Entry)],
+        copy_sources: &[(RelPath, Entry)],
+    ) -> Plan {
         let changes = diff(src, dst, false, &|_| false);
-        let plan = plan(&changes, src, dst, false);
-        let out = simulate(&plan, dst);
-        let want: BTreeMap<RelPath, Shape> =
-            src.iter().map(|(p, e)| (p.clone(), shape(e))).collect();
+        let plan = plan_with(&changes, src, dst, copy_sources, false).with_source(src.to_vec());
+        let mut before = dst.to_vec();
+        before.extend_from_slice(copy_sources);
+        before.sort_by(|x, y| x.0.cmp(&y.0));
+        let mut out = simulate(&plan, &before);
+        for (path, _) in copy_sources {
+            out.remove(path);
+        }
+        let want: BTreeMap<RelPath, Shape> = src
+            .iter()
+            .filter(|(_, e)| e.kind() != Kind::Special)
+            .map(|(p, e)| (p.clone(), shape(e)))
+            .collect();
         let got: BTreeMap<RelPath, Shape> =
             out.iter().map(|(p, e)| (p.clone(), shape(e))).collect();
         assert_eq!(got, want, "plan: {:#?}", plan.ops);
@@ -1119,6 +1281,156 @@ mod tests {
         let dst = tree(vec![("d", dir()), ("d/f", file("F", 1))]);
         let src = tree(vec![("d", file("F", 1))]);
         check(&src, &dst);
+    }
+
+    /// Every op of `plan`, with the source path each one refers to.
+    fn render(plan: &Plan) -> Vec<String> {
+        let at = |r: &SrcRef| plan.source[r.0 as usize].0.to_string();
+        plan.ops
+            .iter()
+            .map(|op| match op {
+                Op::Stage { from, tmp } => format!("stage {from} {tmp}"),
+                Op::Remove { path, kind } => format!("remove {path} {kind:?}"),
+                Op::Mkdir { path, src, code } => {
+                    format!("mkdir {path} <{}> {}", at(src), code.letter())
+                }
+                Op::Rename { tmp, orig, to, src } => {
+                    format!("rename {tmp} {orig} {to} <{}>", at(src))
+                }
+                Op::Copy {
+                    from,
+                    to,
+                    src,
+                    trusted,
+                } => format!(
+                    "copy {from} {to} <{}> trusted={}",
+                    at(src),
+                    trusted.is_some()
+                ),
+                Op::Write { path, src, code } => {
+                    format!("write {path} <{}> {}", at(src), code.letter())
+                }
+                Op::Symlink { path, src, code } => {
+                    format!("symlink {path} <{}> {}", at(src), code.letter())
+                }
+                Op::Link {
+                    leader,
+                    path,
+                    src,
+                    code,
+                } => format!("link {leader} {path} <{}> {}", at(src), code.letter()),
+                Op::SetMeta { path, src } => format!("setmeta {path} <{}>", at(src)),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_step_in_its_order() {
+        let mut m_new = file("M", 1);
+        m_new.meta.mode = 0o600;
+        let mut md_new = dir();
+        md_new.meta.mode = 0o700;
+        let mut h2 = file("H", 1);
+        h2.link = Some(p("h"));
+        let special = Entry {
+            content: Content::Special,
+            ..file("", 0)
+        };
+        let dst = tree(vec![
+            ("a", file("A", 1)),
+            ("dd", dir()),
+            ("dd/q", file("Q", 1)),
+            ("gone", file("GONE", 1)),
+            ("keep", file("K", 1)),
+            ("m", file("M", 1)),
+            ("md", dir()),
+            ("md/z", file("Z", 1)),
+            ("mod", file("old", 1)),
+            ("old", dir()),
+            ("old/f", file("F", 1)),
+            ("old/g", file("G", 1)),
+            ("s1", file("S1", 1)),
+            ("s2", file("S2", 1)),
+            ("t", file("T", 1)),
+        ]);
+        let src = tree(vec![
+            ("b", file("A", 2)),
+            ("big2", file("BIG", 1)),
+            ("fifo", special),
+            ("h", file("H", 1)),
+            ("h2", h2),
+            ("k2", file("K", 1)),
+            ("keep", file("K", 1)),
+            ("ln", link("target")),
+            ("m", m_new),
+            ("md", md_new),
+            ("md/z", file("Z", 1)),
+            ("mod", file("new", 1)),
+            ("new", dir()),
+            ("new/f", file("F", 1)),
+            ("new/g", file("G", 1)),
+            ("s1", file("S2", 1)),
+            ("s2", file("S1", 1)),
+            ("t", dir()),
+            ("t/x", file("X", 1)),
+            ("w", file("W", 1)),
+        ]);
+        // An unchanged replica file the join dropped from the trees, kept as a copy source.
+        let copy_sources = tree(vec![("big", file("BIG", 1))]);
+        let plan = check_with(&src, &dst, &copy_sources[1..]);
+        let ops = render(&plan);
+        let want_ops = [
+            "stage s2 .dirsync-tmp-stage-0",
+            "stage s1 .dirsync-tmp-stage-1",
+            "remove t File",
+            "remove gone File",
+            "remove dd/q File",
+            "remove dd Dir",
+            "mkdir t <t> T",
+            "rename old old new <new>",
+            "rename a a b <b>",
+            "rename .dirsync-tmp-stage-0 s2 s1 <s1>",
+            "rename .dirsync-tmp-stage-1 s1 s2 <s2>",
+            "copy big big2 <big2> trusted=true",
+            "copy keep k2 <k2> trusted=true",
+            "write h <h> A",
+            "symlink ln <ln> A",
+            "write mod <mod> M",
+            "write t/x <t/x> A",
+            "write w <w> A",
+            "link h h2 <h2> A",
+            "setmeta b <b>",
+            "setmeta m <m>",
+            "setmeta t <t>",
+            "setmeta new <new>",
+            "setmeta md <md>",
+            "setmeta . <.>",
+        ];
+        assert_eq!(ops, want_ops, "{ops:#?}");
+        let want_items = [
+            "R a -> b",
+            "C big -> big2",
+            "D dd",
+            "D dd/q",
+            "A fifo",
+            "D gone",
+            "A h",
+            "A h2",
+            "C keep -> k2",
+            "A ln",
+            "m m",
+            "m md",
+            "M mod",
+            "R old -> new",
+            "R s2 -> s1",
+            "R s1 -> s2",
+            "T t",
+            "A t/x",
+            "A w",
+        ];
+        assert_eq!(lines(&plan), want_items);
+        // h, mod, t/x and w come from the source.
+        assert_eq!(plan.bytes_to_copy, 6);
     }
 
     #[test]

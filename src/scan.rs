@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as Slot;
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -361,8 +361,8 @@ impl Walker<'_> {
     fn push(&mut self, rel: RelPath, content: Content, st: &rfs::Stat, link: Option<RelPath>) {
         let entry = Entry {
             content,
-            meta: meta_of_stat(st),
-            fp: fingerprint_of_stat(st),
+            meta: Meta::of(st),
+            fp: Fingerprint::of(st),
             seen: self.seen,
             link,
         };
@@ -645,7 +645,7 @@ fn hash_one(opened: io::Result<File>, old: &Entry) -> HashResult {
 #[derive(Debug)]
 pub struct StableRead {
     file: File,
-    before: Metadata,
+    before: std::fs::Metadata,
     /// When the file was opened (what decides whether a hash of it is racily clean).
     pub seen: Time,
 }
@@ -663,11 +663,11 @@ impl StableRead {
     }
 
     pub fn meta(&self) -> Meta {
-        meta_of(&self.before)
+        Meta::of_metadata(&self.before)
     }
 
     pub fn fingerprint(&self) -> Fingerprint {
-        fingerprint(&self.before)
+        Fingerprint::of_metadata(&self.before)
     }
 
     /// The node that was opened: (device, inode).
@@ -693,7 +693,7 @@ impl StableRead {
     /// the read started.
     pub fn held_still(&self, n: u64) -> io::Result<bool> {
         let after = self.file.metadata()?;
-        Ok(n == self.len() && fingerprint(&after) == self.fingerprint())
+        Ok(n == self.len() && Fingerprint::of_metadata(&after) == self.fingerprint())
     }
 }
 
@@ -729,48 +729,6 @@ pub fn open_beneath(dir: BorrowedFd, rel: &RelPath, flags: OFlags) -> io::Result
 /// Errors that mean the path is simply gone (or was replaced mid-scan).
 pub fn vanished(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::NotFound) || e.raw_os_error() == Some(40) // ELOOP: now a symlink
-}
-
-pub fn meta_of_stat(st: &rfs::Stat) -> Meta {
-    Meta {
-        mode: st.st_mode & 0o7777,
-        mtime: Time {
-            sec: st.st_mtime,
-            nsec: st.st_mtime_nsec as u32,
-        },
-        uid: st.st_uid,
-        gid: st.st_gid,
-    }
-}
-
-pub use crate::replica::local::fingerprint_of as fingerprint_of_stat;
-
-pub fn meta_of(md: &Metadata) -> Meta {
-    Meta {
-        mode: md.mode() & 0o7777,
-        mtime: Time {
-            sec: md.mtime(),
-            nsec: md.mtime_nsec() as u32,
-        },
-        uid: md.uid(),
-        gid: md.gid(),
-    }
-}
-
-pub fn fingerprint(md: &Metadata) -> Fingerprint {
-    Fingerprint {
-        size: if md.is_dir() { 0 } else { md.size() },
-        mtime: Time {
-            sec: md.mtime(),
-            nsec: md.mtime_nsec() as u32,
-        },
-        ctime: Time {
-            sec: md.ctime(),
-            nsec: md.ctime_nsec() as u32,
-        },
-        ino: md.ino(),
-        dev: md.dev(),
-    }
 }
 
 #[cfg(test)]

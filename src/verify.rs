@@ -457,7 +457,7 @@ fn source_dir_meta(source: Root, d: &RelPath) -> io::Result<Meta> {
         })?;
         rustix::fs::fstat(&fd)?
     };
-    Ok(scan::meta_of_stat(&st))
+    Ok(Meta::of(&st))
 }
 
 /// Gives each directory in `dirs` its metadata back, children first: the replica's own, as

@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 use common::*;
 use dirsync::apply::{Recorder, apply};
 use dirsync::diff::diff;
-use dirsync::entry::{Content, Entry, RelPath};
+use dirsync::entry::{Content, Entry, Meta, RelPath};
 use dirsync::hash::fill_tree_hashes;
 use dirsync::oplog::OpLog;
 use dirsync::plan::{Plan, plan};
@@ -521,7 +521,7 @@ fn memory_diff(src: &Path, mem: &MemoryReplica) -> Vec<String> {
     let mut diffs = mirror_diff(&snapshot(src), &got);
     let root = root.expect("the memory replica has a root");
     let md = fs::symlink_metadata(src).unwrap();
-    let want = scan::meta_of(&md);
+    let want = Meta::of_metadata(&md);
     if (root.meta.mode, root.meta.mtime) != (want.mode, want.mtime) {
         diffs.push(format!(
             "root: SRC mode {:#o} mtime {:?}, memory mode {:#o} mtime {:?}",

@@ -17,10 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 
-use super::{Check, Replica, Written};
+use super::{Check, Replica, TMP_PREFIX, Written};
 use crate::entry::{Fingerprint, Hash, Kind, Meta, RelPath, Time};
 use crate::hash;
-use crate::plan::TMP_PREFIX;
 
 /// A replica rooted at a directory that exists.
 pub struct LocalReplica {
@@ -98,23 +97,6 @@ fn times(meta: &Meta) -> Timestamps {
             tv_nsec: rfs::UTIME_OMIT,
         },
         last_modification: timespec(meta.mtime),
-    }
-}
-
-pub fn fingerprint_of(st: &rfs::Stat) -> Fingerprint {
-    let is_dir = rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory;
-    Fingerprint {
-        size: if is_dir { 0 } else { st.st_size as u64 },
-        mtime: Time {
-            sec: st.st_mtime,
-            nsec: st.st_mtime_nsec as u32,
-        },
-        ctime: Time {
-            sec: st.st_ctime,
-            nsec: st.st_ctime_nsec as u32,
-        },
-        ino: st.st_ino,
-        dev: st.st_dev,
     }
 }
 
@@ -252,7 +234,7 @@ impl LocalReplica {
         // Renaming onto another link of the same inode succeeds without doing anything.
         let _ = rfs::unlinkat(&d, os(&tmp), AtFlags::empty());
         let st = rfs::statat(&d, os(&name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
-        Ok(fingerprint_of(&st))
+        Ok(Fingerprint::of(&st))
     }
 
     /// The directory holding `path`, opened beneath the root without following symlinks.
@@ -493,7 +475,7 @@ impl LocalReplica {
         Ok(Written {
             hash,
             len,
-            fp: fingerprint_of(&st),
+            fp: Fingerprint::of(&st),
         })
     }
 
@@ -628,11 +610,11 @@ impl Replica for LocalReplica {
 
     fn stat(&self, path: &RelPath) -> io::Result<Fingerprint> {
         if path.is_root() {
-            return Ok(fingerprint_of(&rfs::fstat(&self.root).map_err(io_err)?));
+            return Ok(Fingerprint::of(&rfs::fstat(&self.root).map_err(io_err)?));
         }
         let (d, name) = self.parent(path)?;
         let st = rfs::statat(&d, os(&name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
-        Ok(fingerprint_of(&st))
+        Ok(Fingerprint::of(&st))
     }
 }
 
@@ -721,7 +703,7 @@ mod tests {
         assert_eq!(w.len, data.len() as u64);
         assert_eq!(
             w.fp,
-            crate::scan::fingerprint(&md),
+            Fingerprint::of_metadata(&md),
             "fingerprint of the file in place"
         );
     }

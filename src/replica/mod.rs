@@ -19,6 +19,11 @@ use std::io::{self, Read};
 
 use crate::entry::{Fingerprint, Hash, Kind, Meta, RelPath};
 
+/// Name prefix of every temporary node dirsync creates inside the replica: staged moves, files
+/// being built, the filesystem probe. Such a name at the replica root is always kept in the
+/// merged scan, so the next pass removes a leftover (or adopts it by hash).
+pub const TMP_PREFIX: &str = ".dirsync-tmp-";
+
 /// How a file's bytes are checked before it is renamed into place. Returning an error aborts
 /// the operation and leaves the old node where it was.
 pub type Check<'a> = &'a mut dyn FnMut(&Hash, u64) -> io::Result<()>;

@@ -10,8 +10,8 @@ use std::os::unix::ffi::OsStrExt;
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, Timespec, Timestamps};
 
-use crate::entry::Time;
-use crate::plan::TMP_PREFIX;
+use super::TMP_PREFIX;
+use crate::entry::{Meta, Time};
 
 /// What a replica filesystem keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,12 +106,7 @@ pub fn probe(dir: BorrowedFd<'_>) -> FsTraits {
     };
     let grain = rfs::futimens(&fd, &times)
         .and_then(|_| rfs::fstat(&fd))
-        .map(|st| {
-            grain_of(Time {
-                sec: st.st_mtime,
-                nsec: st.st_mtime_nsec as u32,
-            })
-        })
+        .map(|st| grain_of(Meta::of(&st).mtime))
         .unwrap_or(1);
     let upper = name.to_ascii_uppercase();
     let case_insensitive = upper != name
