@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 
 use crate::entry::{Content, Entry, Fingerprint, Hash, Kind, Meta, RACY_WINDOW_NS, RelPath, Time};
-use crate::error::Result;
+use crate::error::{ErrorKind, PathError, Result};
 use crate::index::{Index, Table, Update};
 use crate::oplog::OpLog;
 use crate::plan::{Code, Op, Plan};
@@ -49,8 +49,8 @@ pub struct Outcome {
     /// never reached is not counted).
     pub done: Tally,
     pub bytes_written: u64,
-    /// Operations that failed, with the replica path and the error.
-    pub errors: Vec<(RelPath, String)>,
+    /// Operations that failed, each with its replica path.
+    pub errors: Vec<PathError>,
     pub interrupted: bool,
     /// The replica's filesystem ran out of space (or quota); the run stopped there.
     pub disk_full: bool,
@@ -181,7 +181,8 @@ struct Ctx<'a> {
     /// Staging names whose `Stage` failed: their node never left its place.
     unstaged: std::sync::Mutex<std::collections::HashSet<RelPath>>,
     /// Directories whose `Mkdir` failed: nothing below them is attempted.
-    no_dirs: std::sync::Mutex<Vec<RelPath>>,
+    /// Directories that could not be created, with why.
+    no_dirs: std::sync::Mutex<Vec<(RelPath, ErrorKind)>>,
     any_no_dir: AtomicBool,
     /// Corrupt copy sources met by the last operation, for the apply loop to record and report.
     repairs: std::sync::Mutex<Vec<Repair>>,
@@ -224,9 +225,10 @@ fn is_changed(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|x| x.is::<Changed>())
 }
 
-/// The error for an operation below a directory that could not be created.
+/// The error for an operation below a directory that could not be created, and the kind of
+/// that directory's failure.
 #[derive(Debug)]
-struct NoDir(RelPath);
+struct NoDir(RelPath, ErrorKind);
 
 impl std::fmt::Display for NoDir {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -240,6 +242,33 @@ impl std::fmt::Display for NoDir {
 
 impl std::error::Error for NoDir {}
 
+/// A source file whose bytes or stat changed while it was copied: what was read is not put in
+/// place.
+#[derive(Debug)]
+struct ChangedWhileCopied;
+
+impl std::fmt::Display for ChangedWhileCopied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("changed while it was being copied; it will be copied on the next sync")
+    }
+}
+
+impl std::error::Error for ChangedWhileCopied {}
+
+/// The kind of an operation's error: dirsync's own payloads by what they mean, the rest by
+/// [`ErrorKind::of`].
+fn kind_of(e: &io::Error) -> ErrorKind {
+    match e.get_ref() {
+        Some(x) if x.is::<Vanished>() => ErrorKind::NotFound,
+        Some(x) if x.is::<Changed>() || x.is::<ChangedWhileCopied>() => ErrorKind::ChangedWhileRead,
+        Some(x) => match x.downcast_ref::<NoDir>() {
+            Some(NoDir(_, kind)) => *kind,
+            None => ErrorKind::of(e),
+        },
+        None => ErrorKind::of(e),
+    }
+}
+
 /// The result of one operation: index updates, bytes copied.
 type OpResult = io::Result<(Vec<Update>, u64)>;
 
@@ -247,16 +276,16 @@ impl Ctx<'_> {
     fn run(&self, op: &Op) -> OpResult {
         if self.any_no_dir.load(Ordering::Relaxed) {
             let no_dirs = self.no_dirs.lock().expect("not poisoned");
-            if let Some(d) = no_dirs.iter().find(|d| d.is_ancestor_of(op.target())) {
-                return Err(io::Error::other(NoDir(d.clone())));
+            if let Some((d, kind)) = no_dirs.iter().find(|(d, _)| d.is_ancestor_of(op.target())) {
+                return Err(io::Error::other(NoDir(d.clone(), *kind)));
             }
         }
         let res = self.run_op(op);
-        if let (Op::Mkdir { path, .. }, Err(_)) = (op, &res) {
+        if let (Op::Mkdir { path, .. }, Err(e)) = (op, &res) {
             self.no_dirs
                 .lock()
                 .expect("not poisoned")
-                .push(path.clone());
+                .push((path.clone(), kind_of(e)));
             self.any_no_dir.store(true, Ordering::Relaxed);
         }
         res
@@ -582,9 +611,7 @@ impl SourceFile {
     /// Succeeds only if the read of `n` bytes counts ([`StableRead::held_still`]).
     pub fn check_unchanged(&self, n: u64) -> io::Result<()> {
         if !self.read.held_still(n)? {
-            return Err(io::Error::other(
-                "changed while it was being copied; it will be copied on the next sync",
-            ));
+            return Err(io::Error::other(ChangedWhileCopied));
         }
         Ok(())
     }
@@ -796,7 +823,12 @@ pub fn apply(
         let msg = e.to_string();
         log.problem(&msg);
         out.index_full |= matches!(e, crate::error::Error::IndexFull { .. });
-        out.errors.push((RelPath::root(), msg));
+        let kind = match &e {
+            crate::error::Error::IndexFull { .. } => ErrorKind::NoSpace,
+            crate::error::Error::Io { source, .. } => ErrorKind::of(source),
+            _ => ErrorKind::Other,
+        };
+        out.errors.push(PathError::new(RelPath::root(), kind, msg));
     }
     Ok(out)
 }
@@ -816,7 +848,8 @@ impl Outcome {
                 rec.push(u);
             }
             if !r.fixed {
-                self.errors.push((r.path, r.msg));
+                self.errors
+                    .push(PathError::new(r.path, ErrorKind::Other, r.msg));
             }
         }
     }
@@ -865,7 +898,7 @@ impl Outcome {
                 // One message for a full or read-only disk, however many writes were under way.
                 if !(halt.is_some() && self.halted()) {
                     log.problem(&msg);
-                    self.errors.push((path, msg));
+                    self.errors.push(PathError::new(path, kind_of(&e), msg));
                 }
                 self.disk_full |= halt == Some(Halt::Full);
                 self.read_only |= halt == Some(Halt::ReadOnly);
@@ -1019,7 +1052,34 @@ mod tests {
                 .expect("read through the symlink");
             assert!(is_changed(&e), "{e}");
             assert!(gone_from_source(&e));
+            assert_eq!(kind_of(&e), ErrorKind::ChangedWhileRead);
         }
+    }
+
+    #[test]
+    fn dirsync_payloads_have_their_kinds() {
+        let of = |e: io::Error| kind_of(&e);
+        assert_eq!(
+            of(io::Error::new(io::ErrorKind::NotFound, Vanished)),
+            ErrorKind::NotFound
+        );
+        assert_eq!(of(io::Error::other(Changed)), ErrorKind::ChangedWhileRead);
+        assert_eq!(
+            of(io::Error::other(ChangedWhileCopied)),
+            ErrorKind::ChangedWhileRead
+        );
+        let denied = ErrorKind::PermissionDenied;
+        assert_eq!(of(io::Error::other(NoDir(p("d"), denied))), denied);
+        let full = io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error());
+        assert_eq!(of(full), ErrorKind::NoSpace);
+        assert_eq!(
+            of(io::Error::other("copy source is not a regular file")),
+            ErrorKind::Other
+        );
+        assert_eq!(
+            ChangedWhileCopied.to_string(),
+            "changed while it was being copied; it will be copied on the next sync"
+        );
     }
 
     #[test]
@@ -1042,9 +1102,11 @@ mod tests {
         )
         .unwrap();
         let out = run(&plan, &mem, src, None);
-        let failed: Vec<&RelPath> = out.errors.iter().map(|(path, _)| path).collect();
-        assert_eq!(failed, [&p("a/f"), &p("b/f")], "{:?}", out.errors);
-        for (path, msg) in &out.errors {
+        let failed: Vec<&str> = out.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(failed, ["a/f", "b/f"], "{:?}", out.errors);
+        for e in &out.errors {
+            assert_eq!(e.kind, ErrorKind::ChangedWhileRead, "{e}");
+            let (path, msg) = (&e.path, &e.message);
             let want = format!("{path} changed in the source since it was scanned");
             assert!(msg.contains(&want), "{msg}");
             assert!(msg.contains("retried on the next sync"), "{msg}");
@@ -1056,6 +1118,7 @@ mod tests {
         std::fs::remove_file(src.join("a/f")).unwrap();
         let e = open_source(src, "a/f", None).err().expect("gone");
         assert!(is_vanished(&e), "{e}");
+        assert_eq!(kind_of(&e), ErrorKind::NotFound);
     }
 
     #[test]
@@ -1102,11 +1165,11 @@ mod tests {
         std::fs::write(src.join("a"), vec![7u8; data.len()]).unwrap();
         let out = run(&plan, &mem, &src, Some(&index));
         assert_eq!(out.errors.len(), 1, "{:?}", out.errors);
-        assert_eq!(out.errors[0].0, p("a"));
+        assert_eq!(out.errors[0].path, "a");
         assert!(
-            out.errors[0].1.contains("is corrupt"),
+            out.errors[0].message.contains("is corrupt"),
             "{}",
-            out.errors[0].1
+            out.errors[0]
         );
         assert_eq!(
             mem.read(&p("b")).unwrap(),

@@ -2,6 +2,9 @@
 //! says what the user can do about it. Errors about one entry of a tree never abort a sync: the
 //! caller reports them, counts them and goes on (see `apply` and `scan`). Errors about the whole
 //! run (bad arguments, a locked or damaged index) are returned before anything is written.
+//!
+//! A per-path error is a [`PathError`]: the path, an [`ErrorKind`] a program can act on (retry
+//! later, free space, fix permissions) and the English message the terminal and log show.
 
 use std::io;
 use std::path::PathBuf;
@@ -81,4 +84,196 @@ impl Error {
     }
 }
 
+/// What went wrong with one path, in terms a caller can act on without reading the message.
+/// `status --json` names each as [`ErrorKind::as_str`] says (docs/CLI.md lists them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The path (or a directory on its way) is not there, or went away while it was synced.
+    NotFound,
+    /// The filesystem is full, or a quota is used up.
+    NoSpace,
+    /// The path's permissions, an attribute (immutable, append-only) or a security policy
+    /// forbid the access.
+    PermissionDenied,
+    /// The path changed while it was read, or holds another node than the scan saw: nothing
+    /// was taken from it, and the next pass looks again.
+    ChangedWhileRead,
+    /// The filesystem is mounted read-only.
+    ReadOnly,
+    /// A condition that may pass by itself (busy, interrupted, timed out, a dropped
+    /// connection): the same operation may succeed on the next pass.
+    Transient,
+    /// The filesystem cannot do what was asked (an operation, a name, a file size).
+    Unsupported,
+    /// Anything else (an I/O error of the device, a corrupt copy, ...): see the message.
+    Other,
+}
+
+impl ErrorKind {
+    /// The kind's name in JSON output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::NoSpace => "no_space",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::ChangedWhileRead => "changed_while_read",
+            ErrorKind::ReadOnly => "read_only",
+            ErrorKind::Transient => "transient",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Other => "other",
+        }
+    }
+
+    /// The kind of an I/O error: by its OS error code when it has one, else by its
+    /// [`io::ErrorKind`] (errors dirsync makes itself say theirs that way, or are classified
+    /// by their maker before this, as `apply` does).
+    pub fn of(e: &io::Error) -> ErrorKind {
+        match e.raw_os_error() {
+            Some(code) => ErrorKind::of_errno(rustix::io::Errno::from_raw_os_error(code)),
+            None => ErrorKind::of_io_kind(e.kind()),
+        }
+    }
+
+    fn of_errno(e: rustix::io::Errno) -> ErrorKind {
+        use rustix::io::Errno as E;
+        match e {
+            E::NOENT | E::NOTDIR => ErrorKind::NotFound,
+            E::NOSPC | E::DQUOT => ErrorKind::NoSpace,
+            E::ACCESS | E::PERM => ErrorKind::PermissionDenied,
+            E::ROFS => ErrorKind::ReadOnly,
+            E::AGAIN
+            | E::INTR
+            | E::BUSY
+            | E::TXTBSY
+            | E::TIMEDOUT
+            | E::CONNRESET
+            | E::CONNABORTED
+            | E::NETDOWN
+            | E::NETUNREACH
+            | E::HOSTUNREACH => ErrorKind::Transient,
+            E::OPNOTSUPP | E::NOSYS | E::XDEV | E::NAMETOOLONG | E::FBIG | E::ILSEQ => {
+                ErrorKind::Unsupported
+            }
+            _ => ErrorKind::Other,
+        }
+    }
+
+    fn of_io_kind(k: io::ErrorKind) -> ErrorKind {
+        use io::ErrorKind as K;
+        match k {
+            K::NotFound | K::NotADirectory => ErrorKind::NotFound,
+            K::StorageFull | K::QuotaExceeded => ErrorKind::NoSpace,
+            K::PermissionDenied => ErrorKind::PermissionDenied,
+            K::ReadOnlyFilesystem => ErrorKind::ReadOnly,
+            K::Interrupted
+            | K::WouldBlock
+            | K::TimedOut
+            | K::ResourceBusy
+            | K::ConnectionReset
+            | K::ConnectionAborted => ErrorKind::Transient,
+            K::Unsupported | K::CrossesDevices | K::FileTooLarge | K::InvalidFilename => {
+                ErrorKind::Unsupported
+            }
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failure about one path that did not stop the pass: what was not done there, and why.
+/// It displays as its message, the line the terminal and the log file show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathError {
+    /// The path as messages show it: relative to the replica root for an operation, the full
+    /// path for a problem met while scanning.
+    pub path: String,
+    pub kind: ErrorKind,
+    /// The whole English message (it names the path too).
+    pub message: String,
+}
+
+impl PathError {
+    pub fn new(path: impl std::fmt::Display, kind: ErrorKind, message: String) -> PathError {
+        PathError {
+            path: path.to_string(),
+            kind,
+            message,
+        }
+    }
+}
+
+impl std::fmt::Display for PathError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::io::Errno;
+
+    fn kind(e: Errno) -> ErrorKind {
+        ErrorKind::of(&io::Error::from_raw_os_error(e.raw_os_error()))
+    }
+
+    #[test]
+    fn os_errors_map_to_their_kinds() {
+        use ErrorKind as K;
+        let cases = [
+            (Errno::NOENT, K::NotFound),
+            (Errno::NOTDIR, K::NotFound),
+            (Errno::NOSPC, K::NoSpace),
+            (Errno::DQUOT, K::NoSpace),
+            (Errno::ACCESS, K::PermissionDenied),
+            (Errno::PERM, K::PermissionDenied),
+            (Errno::ROFS, K::ReadOnly),
+            (Errno::AGAIN, K::Transient),
+            (Errno::INTR, K::Transient),
+            (Errno::BUSY, K::Transient),
+            (Errno::TIMEDOUT, K::Transient),
+            (Errno::OPNOTSUPP, K::Unsupported),
+            (Errno::NOTSUP, K::Unsupported),
+            (Errno::XDEV, K::Unsupported),
+            (Errno::NAMETOOLONG, K::Unsupported),
+            (Errno::IO, K::Other),
+            (Errno::INVAL, K::Other),
+        ];
+        for (errno, want) in cases {
+            assert_eq!(kind(errno), want, "{errno:?}");
+        }
+    }
+
+    #[test]
+    fn errors_without_an_os_code_map_by_their_io_kind() {
+        let of = |k| ErrorKind::of(&io::Error::new(k, "x"));
+        assert_eq!(of(io::ErrorKind::NotFound), ErrorKind::NotFound);
+        assert_eq!(of(io::ErrorKind::StorageFull), ErrorKind::NoSpace);
+        assert_eq!(of(io::ErrorKind::ReadOnlyFilesystem), ErrorKind::ReadOnly);
+        assert_eq!(of(io::ErrorKind::Unsupported), ErrorKind::Unsupported);
+        assert_eq!(of(io::ErrorKind::TimedOut), ErrorKind::Transient);
+        assert_eq!(ErrorKind::of(&io::Error::other("x")), ErrorKind::Other);
+    }
+
+    #[test]
+    fn kinds_have_snake_case_names_and_a_path_error_shows_its_message() {
+        assert_eq!(ErrorKind::PermissionDenied.as_str(), "permission_denied");
+        assert_eq!(
+            ErrorKind::ChangedWhileRead.to_string(),
+            "changed_while_read"
+        );
+        let e = PathError::new("a/b", ErrorKind::NotFound, "a/b is gone".into());
+        assert_eq!(
+            (e.path.as_str(), e.to_string()),
+            ("a/b", "a/b is gone".into())
+        );
+    }
+}

@@ -1,4 +1,5 @@
-//! Human and JSON rendering of plans, for `status` and `sync --dry-run`.
+//! Human and JSON rendering of plans, for `status` and `sync --dry-run`, and of what a pass
+//! could not do (its per-path errors).
 
 use std::io::{self, Write};
 
@@ -16,7 +17,8 @@ pub fn write_text(out: &mut dyn Write, plan: &Plan) -> io::Result<()> {
     Ok(())
 }
 
-/// The same as one JSON document.
+/// The same as one JSON document, with every per-path error of the pass: those met while
+/// scanning and (after a sync) those of its operations, in that order.
 pub fn to_json(report: &Report) -> serde_json::Value {
     let plan = &report.plan;
     let changes: Vec<serde_json::Value> = plan
@@ -33,8 +35,21 @@ pub fn to_json(report: &Report) -> serde_json::Value {
             v
         })
         .collect();
+    let errors: Vec<serde_json::Value> = report
+        .scan_errors
+        .iter()
+        .chain(&report.outcome.errors)
+        .map(|e| {
+            serde_json::json!({
+                "path": e.path,
+                "kind": e.kind.as_str(),
+                "message": e.message,
+            })
+        })
+        .collect();
     serde_json::json!({
         "changes": changes,
+        "errors": errors,
         "summary": {
             "create": plan.count(Code::Add),
             "modify": plan.count(Code::Modify),

@@ -19,7 +19,7 @@ use crate::apply::{Outcome, Recorder, apply};
 use crate::config::Config;
 use crate::diff::{Change, diff};
 use crate::entry::{Hash, RelPath, shown};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, PathError, Result};
 use crate::hash::fill_tree_hashes;
 use crate::index::{FS_TRAITS, Index, ReadIndex, Roots, Snapshot, Table, Update};
 use crate::merge;
@@ -35,8 +35,8 @@ use crate::scan::{self, Root, Tree};
 pub struct Report {
     pub plan: Plan,
     pub outcome: Outcome,
-    /// Problems met while scanning (unreadable paths), already described.
-    pub scan_errors: Vec<String>,
+    /// Problems met while scanning (unreadable paths), each with the full path.
+    pub scan_errors: Vec<PathError>,
     /// Special files in the source that were skipped.
     pub skipped: Vec<RelPath>,
     pub files_hashed: u64,
@@ -252,11 +252,13 @@ fn draft_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Draft> {
 
 fn describe_problems(report: &mut Report, s: &Scanned) {
     for p in s.src.problems.iter().chain(&s.dst.problems) {
-        report.scan_errors.push(format!(
-            "cannot read {}: {}; it is left as it was in the replica",
-            shown(&p.path),
+        let path = shown(&p.path).to_string();
+        let message = format!(
+            "cannot read {path}: {}; it is left as it was in the replica",
             p.error
-        ));
+        );
+        let kind = ErrorKind::of(&p.error);
+        report.scan_errors.push(PathError::new(path, kind, message));
     }
     report.skipped = s.src.specials.clone();
     report.files_hashed = s.src.hashed_files + s.dst.hashed_files;
@@ -531,7 +533,7 @@ impl Session {
         };
         describe_problems(&mut report, &s);
         for e in &report.scan_errors {
-            self.log.logged_problem(e);
+            self.log.logged_problem(&e.message);
         }
         report.elapsed = start.elapsed();
         if self.log_idle || !report.is_idle() {

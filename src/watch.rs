@@ -95,9 +95,8 @@ struct Watch {
 
 /// Every problem a pass reports, in order.
 fn problems_of(report: &Report) -> Vec<String> {
-    let scan = report.scan_errors.iter().cloned();
-    let applied = report.outcome.errors.iter().map(|(_, msg)| msg.clone());
-    scan.chain(applied).collect()
+    let all = report.scan_errors.iter().chain(&report.outcome.errors);
+    all.map(|e| e.message.clone()).collect()
 }
 
 impl Watch {
