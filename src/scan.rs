@@ -420,7 +420,8 @@ impl Walker<'_> {
             }
             let st = &stats[item.stat as usize];
             if self.avoid == Some((st.st_dev, st.st_ino)) {
-                let e = io::Error::other(
+                let e = io::Error::new(
+                    io::ErrorKind::Unsupported,
                     "this is the replica, shown inside the source by a mount; it is not copied \
                      into itself (unmount it, or mount it elsewhere)",
                 );
@@ -444,7 +445,8 @@ impl Walker<'_> {
         }
         let resolve = rustix::fs::ResolveFlags::NO_XDEV | rustix::fs::ResolveFlags::NO_SYMLINKS;
         match rfs::openat2(dfd, child.name_os(), flags, Mode::empty(), resolve) {
-            Err(rustix::io::Errno::XDEV) => Err(io::Error::other(
+            Err(rustix::io::Errno::XDEV) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
                 "another filesystem is mounted here inside the replica; it is left alone \
                  (unmount it, or mount it elsewhere)",
             )),
@@ -475,7 +477,8 @@ impl Walker<'_> {
         let mut clash: Vec<Vec<u8>> = clash.into_iter().collect();
         clash.sort();
         for name in clash {
-            let error = io::Error::other(
+            let error = io::Error::new(
+                io::ErrorKind::Unsupported,
                 "another name in its directory differs from it only in case, which the \
                  replica's filesystem does not tell apart; neither is replicated (rename one)",
             );
