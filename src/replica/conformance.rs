@@ -786,6 +786,22 @@ fn through_links(s: &dyn Subject) {
     fails("set_meta l/f", r.set_meta(&p(b"l/f"), Kind::File, &m));
     fails("set_meta l/d", r.set_meta(&p(b"l/d"), Kind::Dir, &m));
     fails("stat l/f", r.stat(&p(b"l/f")).map(|_| ()));
+    // The link in the middle of the path, not only at its parent.
+    fails(
+        "write_file l/d/new",
+        drop(write(s, &p(b"l/d/new"), b"evil", &m)),
+    );
+    fails("mkdir l/d/x", r.mkdir(&p(b"l/d/x")));
+    fails("symlink l/d/s", r.symlink(&p(b"l/d/s"), b"x", &m));
+    fails("rename into l/d", r.rename(&p(b"own"), &p(b"l/d/own")));
+    fails(
+        "copy_file into l/d",
+        drop(r.copy_file(&p(b"own"), &p(b"l/d/c"), &m, &mut ok)),
+    );
+    fails(
+        "hard_link into l/d",
+        r.hard_link(&p(b"own"), &p(b"l/d/h")).map(|_| ()),
+    );
     // On the links themselves: they act on the link, never on what it names.
     let _ = r.set_meta(&p(b"l"), Kind::Symlink, &m);
     let _ = r.set_meta(&p(b"lf"), Kind::Symlink, &m);
