@@ -373,6 +373,11 @@ pub fn copy_file_copies_and_checks_its_bytes(new: Factory) {
         r.copy_file(&p(b"d"), &p(b"x"), &mc, &mut ok).is_err(),
         "a directory source"
     );
+    assert!(
+        r.copy_file(&p(b"a"), &p(b"d"), &mc, &mut ok).is_err(),
+        "onto a directory"
+    );
+    assert_eq!(seen(s, &p(b"d")).kind, Kind::Dir, "the directory stays");
     assert_names(s, b"", &[b"a", b"d"]);
 }
 
@@ -496,6 +501,14 @@ pub fn remove_takes_only_what_it_names(new: Factory) {
     r.remove(&p(b"d"), Kind::Dir)
         .expect("remove an empty directory");
     r.remove(&p(b"f"), Kind::File).expect("remove a file");
+    assert!(
+        r.remove(&RelPath::root(), Kind::Dir).is_err(),
+        "the root is never removed"
+    );
+    assert!(
+        r.rename(&p(b"e"), &RelPath::root()).is_err(),
+        "nothing is renamed onto the root"
+    );
     assert_names(s, b"", &[b"e"]);
     for kind in [Kind::File, Kind::Symlink, Kind::Dir] {
         r.remove(&p(b"missing"), kind)
@@ -522,6 +535,8 @@ pub fn mkdir_is_idempotent(new: Factory) {
         r.mkdir(&p(b"x/y")).is_err(),
         "mkdir below a missing directory"
     );
+    r.mkdir(&RelPath::root())
+        .expect("mkdir of the root, which exists, succeeds");
     assert_names(s, b"", &[b"d"]);
 }
 
