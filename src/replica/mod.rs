@@ -9,7 +9,11 @@
 //!   temporary name in the target's directory, set its metadata, and link or rename it into
 //!   place: a reader or a crash sees the old node or the new one, never a partial one.
 //! - `mkdir` of an existing directory succeeds; `remove` of a missing node succeeds.
+//!
+//! The `conformance` module (cargo feature `conformance`) checks all of this against any implementation.
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod local;
 pub mod memory;
 pub mod probe;
