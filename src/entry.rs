@@ -203,14 +203,27 @@ pub fn shown(path: &Path) -> Shown<'_> {
     Shown(path.as_os_str().as_bytes())
 }
 
+/// Characters a name may not show as they are: controls (C0 and C1), and the invisible and
+/// direction-changing ones that could make a name look like another (zero-width spaces and
+/// joiners, bidi marks, embeddings, overrides and isolates, line and paragraph separators, BOM).
+fn is_hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for chunk in self.0.utf8_chunks() {
             for c in chunk.valid().chars() {
                 if c == '\\' {
                     f.write_str("\\\\")?;
-                } else if c.is_control() {
-                    write!(f, "\\x{:02x}", c as u32)?;
+                } else if is_hidden(c) {
+                    // Byte by byte, as invalid bytes are: every `\xNN` is one byte, so two
+                    // names never show alike.
+                    let mut buf = [0; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        write!(f, "\\x{b:02x}")?;
+                    }
                 } else {
                     write!(f, "{c}")?;
                 }
@@ -635,6 +648,20 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_names_are_unambiguous_and_hide_nothing() {
+        let show = |b: &[u8]| Shown(b).to_string();
+        assert_eq!(show(b"x\xc2\x9b"), "x\\xc2\\x9b", "U+009B, a C1 control");
+        assert_eq!(show(b"x\x9b"), "x\\x9b", "an invalid byte");
+        assert_eq!(show(b"a\nb\x1b"), "a\\x0ab\\x1b");
+        assert_eq!(show("rlo\u{202e}txt".as_bytes()), "rlo\\xe2\\x80\\xaetxt");
+        assert_eq!(
+            show("zw\u{200b}\u{feff}".as_bytes()),
+            "zw\\xe2\\x80\\x8b\\xef\\xbb\\xbf"
+        );
+        assert_eq!(show("caf\u{e9} \\".as_bytes()), "caf\u{e9} \\\\");
+    }
 
     fn p(s: &str) -> RelPath {
         RelPath::from_bytes(s.as_bytes()).unwrap()
