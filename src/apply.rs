@@ -249,7 +249,7 @@ struct ChangedWhileCopied;
 
 impl std::fmt::Display for ChangedWhileCopied {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("changed while it was being copied; it will be copied on the next sync")
+        f.write_str("changed while it was being copied")
     }
 }
 
@@ -1078,7 +1078,7 @@ mod tests {
         );
         assert_eq!(
             ChangedWhileCopied.to_string(),
-            "changed while it was being copied; it will be copied on the next sync"
+            "changed while it was being copied"
         );
     }
 

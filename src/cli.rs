@@ -81,7 +81,7 @@ pub enum Command {
         #[arg(long)]
         repair: bool,
         /// With --repair: print what it would rewrite and change nothing.
-        #[arg(long, short = 'n')]
+        #[arg(long, short = 'n', requires = "repair")]
         dry_run: bool,
     },
 }

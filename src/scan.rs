@@ -447,8 +447,8 @@ impl Walker<'_> {
         match rfs::openat2(dfd, child.name_os(), flags, Mode::empty(), resolve) {
             Err(rustix::io::Errno::XDEV) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "another filesystem is mounted here inside the replica; it is left alone \
-                 (unmount it, or mount it elsewhere)",
+                "another filesystem is mounted here inside the replica (unmount it, or mount \
+                 it elsewhere)",
             )),
             Err(rustix::io::Errno::NOSYS) => {
                 rfs::openat(dfd, child.name_os(), flags, Mode::empty()).map_err(io_err)

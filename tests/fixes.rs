@@ -975,3 +975,13 @@ fn roots_swapped_after_their_checks_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn verify_dry_run_needs_repair() {
+    let fx = Fixture::default();
+    write(&fx.src.join("a"), "a");
+    fx.sync().code(0);
+    let a = fx.run("verify", &["--dry-run"]).code(2);
+    assert!(stderr_of(&a).contains("--repair"), "{}", stderr_of(&a));
+    fx.run("verify", &["--repair", "--dry-run"]).code(0);
+}
