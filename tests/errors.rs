@@ -5,46 +5,19 @@
 
 mod common;
 
-use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
 
-const NOBODY: u32 = 65534;
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-fn chown_tree(root: &Path) {
-    std::os::unix::fs::lchown(root, Some(NOBODY), Some(NOBODY)).unwrap();
-    if fs::symlink_metadata(root).unwrap().is_dir() {
-        for e in fs::read_dir(root).unwrap() {
-            chown_tree(&e.unwrap().path());
-        }
-    }
-}
-
 /// One sync of the fixture's trees through the library, rendered as `status --json` renders a
 /// pass: the operations' errors are there too.
 fn sync_json(fx: &Fixture) -> Value {
-    use dirsync::config::{self, Config};
     use dirsync::sync::Session;
 
-    let cfg = Config {
-        index: fx.root.join("index.redb"),
-        roots: config::resolve_roots(&fx.src, &fx.dst).unwrap(),
-        log_file: None,
-        reindex: false,
-        allow_empty_source: false,
-        max_delete: None,
-        owners: false,
-        interval: Duration::ZERO,
-    };
+    let cfg = fx.config();
     let mut session = Session::open(&cfg).unwrap();
     let report = session.sync(&AtomicBool::new(false)).unwrap();
     dirsync::report::to_json(&report)

@@ -15,21 +15,6 @@ use std::time::Duration;
 use common::*;
 use rustix::process::Signal;
 
-const NOBODY: u32 = 65534;
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-fn chown_tree(root: &Path) {
-    std::os::unix::fs::lchown(root, Some(NOBODY), Some(NOBODY)).unwrap();
-    if fs::symlink_metadata(root).unwrap().is_dir() {
-        for e in fs::read_dir(root).unwrap() {
-            chown_tree(&e.unwrap().path());
-        }
-    }
-}
-
 /// Runs `dirsync ARGS` as `nobody` (`None` when not root or without `setpriv`).
 fn as_nobody(fx: &Fixture, args: &[&std::ffi::OsStr]) -> Option<std::process::Output> {
     if !is_root() {
@@ -931,23 +916,13 @@ fn intervals_are_at_most_a_week() {
 /// checks and the pass (here, a directory inside the replica moved to SRC's path) is refused.
 #[test]
 fn roots_swapped_after_their_checks_are_refused() {
-    use dirsync::config::{self, Config};
     use dirsync::sync::{self as dsync, Session};
     use std::sync::atomic::AtomicBool;
 
     let fx = Fixture::default();
     write(&fx.src.join("a"), "a");
     write(&fx.dst.join("inner/i"), "i");
-    let cfg = Config {
-        index: fx.root.join("index.redb"),
-        roots: config::resolve_roots(&fx.src, &fx.dst).unwrap(),
-        log_file: None,
-        reindex: false,
-        allow_empty_source: false,
-        max_delete: None,
-        owners: false,
-        interval: Duration::ZERO,
-    };
+    let cfg = fx.config();
     let before = snapshot(&fx.dst);
     fs::rename(&fx.src, fx.root.join("src.old")).unwrap();
     fs::rename(fx.dst.join("inner"), &fx.src).unwrap();

@@ -287,20 +287,6 @@ fn a_source_directory_swapped_for_a_symlink_leaks_nothing_to_an_unprivileged_use
     run_directory_swap(true).assert_nothing_leaked("as nobody");
 }
 
-/// A session configured for the fixture's roots, with its index in the fixture.
-fn config(fx: &Fixture) -> dirsync::config::Config {
-    dirsync::config::Config {
-        index: fx.root.join("index.redb"),
-        roots: dirsync::config::resolve_roots(&fx.src, &fx.dst).unwrap(),
-        log_file: None,
-        reindex: false,
-        allow_empty_source: false,
-        max_delete: None,
-        owners: false,
-        interval: Duration::ZERO,
-    }
-}
-
 /// SRC (`pub/` and `keep`) and an outside tree of the same shape whose files all hold
 /// [`MARK`], with `srclink -> outside` beside SRC. Returns the link.
 fn root_swap_fixture(fx: &Fixture) -> PathBuf {
@@ -326,7 +312,7 @@ fn a_source_root_replaced_by_a_symlink_mid_pass_leaks_nothing() {
     let _one = serial();
     let fx = Fixture::default();
     let link = root_swap_fixture(&fx);
-    let cfg = config(&fx);
+    let cfg = fx.config();
     let stop = AtomicBool::new(false);
     let mut session = dirsync::sync::Session::open(&cfg).unwrap();
     let held = dirsync::scan::open_dir(&fx.src).unwrap();
@@ -355,7 +341,7 @@ fn a_source_root_replaced_by_a_symlink_mid_pass_leaks_nothing() {
 fn a_source_root_replaced_by_a_symlink_after_it_was_resolved_is_not_followed() {
     let fx = Fixture::default();
     let link = root_swap_fixture(&fx);
-    let cfg = config(&fx);
+    let cfg = fx.config();
     let stop = AtomicBool::new(false);
     let mut session = dirsync::sync::Session::open(&cfg).unwrap();
     session.sync(&stop).unwrap();

@@ -103,7 +103,6 @@ fn watch_never_follows_a_replica_replaced_by_a_symlink() {
 /// directory that was opened, and nothing happens in the symlink's target.
 #[test]
 fn a_session_works_beneath_the_held_replica_root() {
-    use dirsync::config::{self, Config};
     use dirsync::sync::Session;
 
     let fx = Fixture::default();
@@ -115,17 +114,7 @@ fn a_session_works_beneath_the_held_replica_root() {
     write(&victim.join("a"), "not a\n");
     write(&victim.join("same-size"), "abcd\n");
     let victim_before = snapshot(&victim);
-    let roots = config::resolve_roots(&fx.src, &fx.dst).unwrap();
-    let cfg = Config {
-        index: fx.root.join("index.redb"),
-        roots,
-        log_file: None,
-        reindex: false,
-        allow_empty_source: false,
-        max_delete: None,
-        owners: false,
-        interval: Duration::ZERO,
-    };
+    let cfg = fx.config();
     let stop = AtomicBool::new(false);
     let mut session = Session::open(&cfg).unwrap();
     let old = fx.root.join("dst.old");

@@ -507,7 +507,39 @@ impl Default for Fixture {
     }
 }
 
+/// The uid (and gid) of `nobody`, for tests that drop root.
+pub const NOBODY: u32 = 65534;
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Gives `root` and everything below it (symlinks themselves, not their targets) to `nobody`.
+pub fn chown_tree(root: &Path) {
+    std::os::unix::fs::lchown(root, Some(NOBODY), Some(NOBODY)).unwrap();
+    if fs::symlink_metadata(root).unwrap().is_dir() {
+        for e in fs::read_dir(root).unwrap() {
+            chown_tree(&e.unwrap().path());
+        }
+    }
+}
+
 impl Fixture {
+    /// A library configuration for this fixture's trees, with its index in the fixture, for
+    /// tests that drive a `Session` directly.
+    pub fn config(&self) -> dirsync::config::Config {
+        dirsync::config::Config {
+            index: self.root.join("index.redb"),
+            roots: dirsync::config::resolve_roots(&self.src, &self.dst).unwrap(),
+            log_file: None,
+            reindex: false,
+            allow_empty_source: false,
+            max_delete: None,
+            owners: false,
+            interval: Duration::ZERO,
+        }
+    }
+
     /// `dirsync` with this fixture's private state dir and `HOME`.
     pub fn cmd(&self) -> assert_cmd::Command {
         let mut cmd = dirsync(&self.state);
