@@ -157,25 +157,17 @@ pub fn walk_in(root: Root, side: Side) -> Tree {
 /// it is known instead of keeping it: memory stays bounded by the depth of the tree and the
 /// width of one directory. The returned tree has no entries, only what else the walk found.
 pub fn walk_with(root: Root, side: Side, sink: &mut dyn FnMut(&Windows, RelPath, Entry)) -> Tree {
-    walk_folding(root, side, false, sink)
+    walk_avoiding(root, side, (false, None), sink)
 }
 
-/// [`walk_with`] for a replica whose filesystem does not tell names apart by case
-/// (`fold_case`): names of one directory that differ only in case would land on one replica
-/// node, so none of them is handed on; each is a problem and unknown (left as it is in the
-/// replica), reported at every pass, instead of a replica that flips between them.
-pub fn walk_folding(
-    root: Root,
-    side: Side,
-    fold_case: bool,
-    sink: &mut dyn FnMut(&Windows, RelPath, Entry),
-) -> Tree {
-    walk_avoiding(root, side, (fold_case, None), sink)
-}
-
-/// [`walk_folding`] that also never enters the directory `avoid` (device, inode): the replica,
-/// when a mount shows it inside the source, where a sync would copy the replica into itself,
-/// one level deeper every pass. It is a problem and unknown, like an unreadable directory.
+/// [`walk_with`] with two guards for the source walk:
+/// - `fold_case`, for a replica whose filesystem does not tell names apart by case: names of one
+///   directory that differ only in case would land on one replica node, so none of them is
+///   handed on; each is a problem and unknown (left as it is in the replica), reported at every
+///   pass, instead of a replica that flips between them.
+/// - `avoid` (device, inode): a directory never entered, the replica when a mount shows it
+///   inside the source, where a sync would copy the replica into itself, one level deeper every
+///   pass. It is a problem and unknown, like an unreadable directory.
 pub fn walk_avoiding(
     root: Root,
     side: Side,
@@ -335,7 +327,7 @@ fn item_order(names: &[u8], a: &Item, b: &Item) -> std::cmp::Ordering {
 struct Walker<'a> {
     tree: Tree,
     side: Side,
-    /// See [`walk_folding`].
+    /// See [`walk_avoiding`].
     fold_case: bool,
     /// See [`walk_avoiding`].
     avoid: Option<(u64, u64)>,
@@ -458,7 +450,7 @@ impl Walker<'_> {
     }
 
     /// Takes the names of one listing that differ only in case out of `items` (both the node
-    /// and its subtree), as problems (see [`walk_folding`]).
+    /// and its subtree), as problems (see [`walk_avoiding`]).
     fn drop_case_collisions(&mut self, rel: &RelPath, names: &[u8], items: &mut Vec<Item>) {
         let nodes: Vec<&[u8]> = items
             .iter()
@@ -753,7 +745,7 @@ mod tests {
             fd: fd.as_fd(),
         };
         let mut entries = Vec::new();
-        let tree = walk_folding(root, Side::Source, true, &mut |_, p, _| {
+        let tree = walk_avoiding(root, Side::Source, (true, None), &mut |_, p, _| {
             entries.push(p.to_string())
         });
         assert_eq!(entries, [".", "other"]);
