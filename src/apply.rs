@@ -554,9 +554,9 @@ pub struct SourceFile {
 
 impl SourceFile {
     /// Opens `path` beneath `source`. `scanned` is the (device, inode) the scan saw at `path`,
-    /// when it is known: another node there fails with [`Changed`]. A path that is no longer a
-    /// regular file is `NotFound` ([`Vanished`]); one whose way is now through a symlink or a
-    /// non-directory is [`Changed`].
+    /// when it is known: another node there fails with `Changed`. A path that is no longer a
+    /// regular file is `NotFound` (`Vanished`); one whose way is now through a symlink or a
+    /// non-directory is `Changed`.
     pub fn open(
         source: Root,
         path: &RelPath,
