@@ -1,5 +1,5 @@
 //! Runs a [`Plan`] against a [`Replica`], recording every finished operation in the index and
-//! the log.
+//! telling a [`Sink`] what each operation did.
 //!
 //! Invariants:
 //! - A failed operation is reported with its path and counted; the rest of the plan still runs,
@@ -31,8 +31,8 @@ use rayon::prelude::*;
 
 use crate::entry::{Content, Entry, Fingerprint, Hash, Kind, Meta, RACY_WINDOW_NS, RelPath, Time};
 use crate::error::{ErrorKind, PathError, Result};
+use crate::event::{Event, Sink};
 use crate::index::{Index, Table, Update};
-use crate::oplog::OpLog;
 use crate::plan::{Code, Op, Plan};
 use crate::replica::Replica;
 use crate::scan::{Root, StableRead, open_beneath};
@@ -726,13 +726,14 @@ fn fault_kill_after() -> Option<u64> {
     None
 }
 
-/// Applies `plan` to `replica`, reading new content beneath the held `source` root.
+/// Applies `plan` to `replica`, reading new content beneath the held `source` root. Each
+/// operation run is an [`Event::Applied`] or [`Event::Failed`] to `log`.
 pub fn apply(
     plan: &Plan,
     replica: &dyn Replica,
     source: Root,
     rec: &mut Recorder,
-    log: &mut OpLog,
+    log: &mut dyn Sink,
     stop: &AtomicBool,
 ) -> Result<Outcome> {
     let ctx = Ctx {
@@ -820,15 +821,10 @@ pub fn apply(
     }
     rec.flush();
     if let Some(e) = rec.failed.take() {
-        let msg = e.to_string();
-        log.problem(&msg);
         out.index_full |= matches!(e, crate::error::Error::IndexFull { .. });
-        let kind = match &e {
-            crate::error::Error::IndexFull { .. } => ErrorKind::NoSpace,
-            crate::error::Error::Io { source, .. } => ErrorKind::of(source),
-            _ => ErrorKind::Other,
-        };
-        out.errors.push(PathError::new(RelPath::root(), kind, msg));
+        let err = PathError::new(RelPath::root(), e.kind(), e.to_string());
+        log.event(&Event::Failed(&err));
+        out.errors.push(err);
     }
     Ok(out)
 }
@@ -836,20 +832,17 @@ pub fn apply(
 impl Outcome {
     /// Records and reports the corrupt copy sources the last operation met. One that was
     /// rewritten from the source is reported but not counted: the replica is right again.
-    fn repaired(&mut self, ctx: &Ctx, rec: &mut Recorder, log: &mut OpLog) {
+    fn repaired(&mut self, ctx: &Ctx, rec: &mut Recorder, log: &mut dyn Sink) {
         for r in std::mem::take(&mut *ctx.repairs.lock().expect("not poisoned")) {
-            if r.fixed {
-                log::warn!("{}", r.msg);
-            } else {
-                log::error!("{}", r.msg);
-            }
-            log.error(&r.msg);
             for u in r.updates {
                 rec.push(u);
             }
-            if !r.fixed {
-                self.errors
-                    .push(PathError::new(r.path, ErrorKind::Other, r.msg));
+            let err = PathError::new(r.path, ErrorKind::Other, r.msg);
+            if r.fixed {
+                log.event(&Event::Fixed(&err));
+            } else {
+                log.event(&Event::Failed(&err));
+                self.errors.push(err);
             }
         }
     }
@@ -859,7 +852,7 @@ impl Outcome {
         &mut self,
         op: &Op,
         res: OpResult,
-        (rec, log): (&mut Recorder, &mut OpLog),
+        (rec, log): (&mut Recorder, &mut dyn Sink),
         changes: &Changes,
         kill_after: Option<u64>,
     ) -> Result<()> {
@@ -876,7 +869,7 @@ impl Outcome {
                     );
                 }
                 self.bytes_written += bytes;
-                log.op(op);
+                log.event(&Event::Applied { op, bytes });
                 for u in updates {
                     rec.push(u);
                 }
@@ -897,8 +890,9 @@ impl Outcome {
                 };
                 // One message for a full or read-only disk, however many writes were under way.
                 if !(halt.is_some() && self.halted()) {
-                    log.problem(&msg);
-                    self.errors.push(PathError::new(path, kind_of(&e), msg));
+                    let err = PathError::new(path, kind_of(&e), msg);
+                    log.event(&Event::Failed(&err));
+                    self.errors.push(err);
                 }
                 self.disk_full |= halt == Some(Halt::Full);
                 self.read_only |= halt == Some(Halt::ReadOnly);
@@ -991,7 +985,7 @@ mod tests {
             path: src,
             fd: fd.as_fd(),
         };
-        apply(plan, mem, root, &mut rec, &mut OpLog::default(), &stop).unwrap()
+        apply(plan, mem, root, &mut rec, &mut crate::event::Discard, &stop).unwrap()
     }
 
     /// A source with `a`, synced into a memory replica; then `b`, a copy of `a`, is added, and

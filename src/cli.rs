@@ -40,6 +40,10 @@ pub enum Command {
         /// Discard the index and rebuild it from the two trees (hashes every file once).
         #[arg(long)]
         reindex: bool,
+        /// Print the result as one JSON object on stdout (see docs/CLI.md); with --dry-run,
+        /// the plan as `status --json` prints it.
+        #[arg(long)]
+        json: bool,
     },
     /// Print what `sync` would do, one line per change, without writing anything.
     ///
@@ -65,6 +69,9 @@ pub enum Command {
         /// Refuse a pass that would delete more than N entries from the replica.
         #[arg(long, value_name = "N")]
         max_delete: Option<usize>,
+        /// Print one JSON object per reported pass on stdout, one per line (see docs/CLI.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Re-read every replica file and check it against the hash recorded when it was written
     /// (bit rot, edits that kept size and mtime), and look for every recorded file. Exit code 3
@@ -83,6 +90,9 @@ pub enum Command {
         /// With --repair: print what it would rewrite and change nothing.
         #[arg(long, short = 'n', requires = "repair")]
         dry_run: bool,
+        /// Print one JSON document on stdout instead of lines (see docs/CLI.md).
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -82,6 +82,16 @@ impl Error {
             source,
         }
     }
+
+    /// The kind of this failure, for a caller that reports it against one path.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { source, .. } => ErrorKind::of(source),
+            Error::IndexFull { .. } => ErrorKind::NoSpace,
+            Error::IndexLocked { .. } | Error::ReplicaLocked { .. } => ErrorKind::Transient,
+            _ => ErrorKind::Other,
+        }
+    }
 }
 
 /// What went wrong with one path, in terms a caller can act on without reading the message.

@@ -22,6 +22,7 @@ pub mod config;
 pub mod diff;
 pub mod entry;
 pub mod error;
+pub mod event;
 pub mod hash;
 pub mod index;
 pub mod merge;

@@ -9,12 +9,14 @@ mod cli;
 
 use std::io::Write;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 
 use cli::{Cli, Command};
 use dirsync::config::Config;
 use dirsync::error::Error;
+use dirsync::event::{Fanout, Json, Summary, Terminal};
 use dirsync::sync::{self, Report, Session};
 use dirsync::verify::{Repair, Verified};
 
@@ -102,24 +104,35 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
             }
             Ok(code)
         }
-        Command::Sync { dry_run: true, .. } => {
+        Command::Sync {
+            dry_run: true,
+            json,
+            ..
+        } => {
             let report = sync::status(&cfg)?;
             print_problems(&report);
-            let code = show_plan(&report, false, quiet);
+            let code = show_plan(&report, *json, quiet);
             // The dry run ends as the real run would: refused by the same guard rail.
             match report.refused {
                 Some(msg) => Err(Error::Refused { msg }),
                 None => Ok(code),
             }
         }
-        Command::Sync { .. } => {
+        Command::Sync { json, .. } => {
+            let json = json_sink("sync", *json)?;
             let mut session = Session::open(&cfg)?;
+            session.add_sink(Box::new(terminal(&cfg, quiet, verbose)));
+            if let Some(j) = &json {
+                session.add_sink(Box::new(j.clone()));
+            }
             let report = session.sync(&STOP)?;
-            finish_pass(&cfg, &report, quiet, verbose);
-            Ok(exit_for(&report))
+            Ok(exit_for(&report).or_json_failure(json.as_ref()))
         }
         Command::Verify {
-            repair, dry_run, ..
+            repair,
+            dry_run,
+            json,
+            ..
         } => {
             let mode = match (*repair, *dry_run) {
                 (false, _) => Repair::No,
@@ -127,27 +140,34 @@ fn run(cli: &Cli) -> Result<ExitCode, Error> {
                 (true, false) => Repair::Yes,
             };
             let v = dirsync::verify::verify(&cfg, mode, &STOP)?;
-            if let Err(e) = print_verified(&v, quiet) {
+            let code = if v.is_good() {
+                ExitCode::Success
+            } else {
+                ExitCode::Partial
+            };
+            if let Err(e) = print_verified(&v, quiet, json.then_some(code)) {
                 if e.kind() != std::io::ErrorKind::BrokenPipe {
                     say!("dirsync: error: cannot write the output: {e}");
                 }
                 return Ok(ExitCode::Fatal);
             }
-            Ok(if v.is_good() {
-                ExitCode::Success
-            } else {
-                ExitCode::Partial
-            })
+            Ok(code)
         }
-        Command::Watch { .. } => {
-            let troubled =
-                dirsync::watch::watch(&cfg, &STOP, |r| finish_pass(&cfg, r, quiet, verbose))?;
+        Command::Watch { json, .. } => {
+            let json = json_sink("watch", *json)?;
+            let mut sinks = Fanout::default();
+            sinks.push(Box::new(terminal(&cfg, quiet, verbose)));
+            if let Some(j) = &json {
+                sinks.push(Box::new(j.clone()));
+            }
+            let troubled = dirsync::watch::watch(&cfg, &STOP, Box::new(sinks))?;
             // The state it leaves: failures of earlier passes that a later one fixed are history.
-            Ok(if troubled {
+            let code = if troubled {
                 ExitCode::Partial
             } else {
                 ExitCode::Success
-            })
+            };
+            Ok(code.or_json_failure(json.as_ref()))
         }
     }
 }
@@ -158,6 +178,55 @@ fn exit_for(report: &Report) -> ExitCode {
     } else {
         ExitCode::Success
     }
+}
+
+/// The exit status of a pass with this summary, as its JSON object says.
+fn pass_exit(s: &Summary) -> i32 {
+    match s.errors {
+        0 => ExitCode::Success as i32,
+        _ => ExitCode::Partial as i32,
+    }
+}
+
+impl ExitCode {
+    /// This code, or `Fatal` when JSON results could not be written (already said).
+    fn or_json_failure(self, json: Option<&Arc<Mutex<Json>>>) -> ExitCode {
+        let failed = json.and_then(|j| j.lock().expect("not poisoned").failed.take());
+        match failed {
+            None => self,
+            Some(e) => {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    say!("dirsync: error: cannot write the output: {e}");
+                }
+                ExitCode::Fatal
+            }
+        }
+    }
+}
+
+/// The JSON sink of `--json` (printing on stdout), if asked for. A closed stdout is refused
+/// before anything runs: the results would be lost without an error.
+fn json_sink(kind: &'static str, asked: bool) -> Result<Option<Arc<Mutex<Json>>>, Error> {
+    if !asked {
+        return Ok(None);
+    }
+    if stdout_was_closed() {
+        return Err(Error::BadInput {
+            msg: "standard output is closed: --json has nowhere to print; nothing was done".into(),
+        });
+    }
+    let sink = Json::new(kind, pass_exit).printing(Box::new(std::io::stdout()));
+    Ok(Some(Arc::new(Mutex::new(sink))))
+}
+
+/// The terminal lines of a sync's passes (see [`Terminal`]).
+fn terminal(cfg: &Config, quiet: bool, verbose: bool) -> Terminal {
+    let footer = format!(
+        "{} -> {}",
+        cfg.roots.source.display(),
+        cfg.roots.replica.display()
+    );
+    Terminal::new(quiet, verbose, Some(footer))
 }
 
 /// Prints the plan on stdout (`status`, `sync --dry-run`) and returns the exit code. Output that
@@ -207,22 +276,26 @@ fn stdout_was_closed() -> bool {
     is_null && (fl & OFlags::RWMODE) == OFlags::RDWR
 }
 
-/// Prints what `verify` found; `Err` when its list could not be written (then the command
-/// fails: a script must not take a cut list for the whole one).
-fn print_verified(v: &Verified, quiet: bool) -> std::io::Result<()> {
+/// Prints what `verify` found, as lines or (with the exit code `json` gives) as one JSON
+/// document; `Err` when it could not be written (then the command fails: a script must not
+/// take a cut list for the whole one).
+fn print_verified(v: &Verified, quiet: bool, json: Option<ExitCode>) -> std::io::Result<()> {
     for e in &v.errors {
         say!("dirsync: error: {e}");
     }
-    if stdout_was_closed() && !v.differences.is_empty() {
+    if stdout_was_closed() && (json.is_some() || !v.differences.is_empty()) {
         return Err(std::io::Error::other("standard output is closed"));
     }
     let mut out = std::io::stdout().lock();
-    let mut written = Ok(());
+    let mut written = match json {
+        Some(code) => writeln!(out, "{}", dirsync::report::verified_json(v, code as i32)),
+        None => Ok(()),
+    };
     for d in &v.differences {
         if let Some(e) = d.error() {
             say!("dirsync: error: {e}");
         }
-        if written.is_ok() {
+        if written.is_ok() && json.is_none() {
             written = writeln!(out, "{}", d.line());
         }
     }
@@ -240,23 +313,4 @@ fn print_problems(report: &Report) {
     for e in &report.scan_errors {
         say!("dirsync: error: {e}");
     }
-}
-
-fn finish_pass(cfg: &Config, report: &Report, quiet: bool, verbose: bool) {
-    print_problems(report);
-    if verbose {
-        let mut err = std::io::stderr().lock();
-        let _ = dirsync::report::write_text(&mut err, &report.plan);
-    }
-    if report.outcome.interrupted {
-        say!("dirsync: interrupted; what was done is recorded, run again to finish");
-    }
-    if !quiet {
-        say!("{}", report.summary());
-    }
-    log::info!(
-        "{} -> {}",
-        cfg.roots.source.display(),
-        cfg.roots.replica.display()
-    );
 }

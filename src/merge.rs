@@ -15,11 +15,14 @@
 //! hashes of the two partial trees are equal for a directory only when its kept paths are the
 //! same on both sides, so the diff's subtree skip stays correct on them.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::Instant;
 
 use crate::entry::{Content, Entry, Hash, RelPath};
 use crate::error::Result;
+use crate::event::{Event, PROGRESS_INTERVAL, Sink};
 use crate::index::{Cursor, Snapshot, Table};
 use crate::replica::TMP_PREFIX;
 use crate::replica::probe::FsTraits;
@@ -161,13 +164,15 @@ fn prefix(h: &Hash) -> u32 {
 /// Scans beneath the held roots `source` and `replica` (`None`: a replica that does not exist
 /// yet, which is empty) and merges them with the tables of `snapshot`. `fs` is what the
 /// replica's filesystem keeps: source times are compared as it would keep them, and a replica
-/// entry is racily clean for at least its timestamp grain.
+/// entry is racily clean for at least its timestamp grain. Tells `sink` now and then how many
+/// entries each walk has seen ([`Event::Scanned`]).
 pub fn scan(
     source: Root,
     replica: Option<Root>,
     snapshot: &Snapshot,
     owners: bool,
     fs: FsTraits,
+    sink: &mut dyn Sink,
 ) -> Result<Merged> {
     let src_cursor = snapshot.cursor(Table::Source)?;
     let dst_cursor = snapshot.cursor(Table::Replica)?;
@@ -191,7 +196,12 @@ pub fn scan(
             Some(root) => walk_side(root, scan::Side::Replica, dst_cursor, dst_tx, (fs, None)),
             None => missing_side(dst_cursor),
         });
-        let mut merged = join(Stream::new(src_rx), Stream::new(dst_rx), owners);
+        let progress = RefCell::new(Progress::new(sink));
+        let (src_in, dst_in) = (
+            Stream::new(src_rx, 0, &progress),
+            Stream::new(dst_rx, 1, &progress),
+        );
+        let mut merged = join(src_in, dst_in, owners);
         let (src_tree, src_stale) = src.join().expect("the source walk does not panic")?;
         let (dst_tree, dst_stale) = dst.join().expect("the replica walk does not panic")?;
         merged.src.stale = src_stale;
@@ -267,22 +277,54 @@ fn missing_side(mut cursor: Cursor) -> Result<(Tree, Vec<(RelPath, Entry)>)> {
     Ok((Tree::default(), stale))
 }
 
-/// The entries of one walk as they arrive.
-struct Stream {
-    rx: Receiver<Batch>,
-    current: std::vec::IntoIter<(RelPath, Entry)>,
+/// Counts the entries both walks sent, and says so now and then.
+struct Progress<'s> {
+    sink: &'s mut dyn Sink,
+    /// Source, replica.
+    seen: [u64; 2],
+    last: Instant,
 }
 
-impl Stream {
-    fn new(rx: Receiver<Batch>) -> Stream {
-        Stream {
-            rx,
-            current: Vec::new().into_iter(),
+impl<'s> Progress<'s> {
+    fn new(sink: &'s mut dyn Sink) -> Self {
+        Progress {
+            sink,
+            seen: [0; 2],
+            last: Instant::now(),
+        }
+    }
+
+    /// One batch of `n` entries of `side` (0: source, 1: replica) arrived.
+    fn saw(&mut self, side: usize, n: usize) {
+        self.seen[side] += n as u64;
+        if self.last.elapsed() >= PROGRESS_INTERVAL {
+            self.last = Instant::now();
+            let [source, replica] = self.seen;
+            self.sink.event(&Event::Scanned { source, replica });
         }
     }
 }
 
-impl Iterator for Stream {
+/// The entries of one walk as they arrive.
+struct Stream<'p, 's> {
+    rx: Receiver<Batch>,
+    current: std::vec::IntoIter<(RelPath, Entry)>,
+    side: usize,
+    progress: &'p RefCell<Progress<'s>>,
+}
+
+impl<'p, 's> Stream<'p, 's> {
+    fn new(rx: Receiver<Batch>, side: usize, progress: &'p RefCell<Progress<'s>>) -> Self {
+        Stream {
+            rx,
+            current: Vec::new().into_iter(),
+            side,
+            progress,
+        }
+    }
+}
+
+impl Iterator for Stream<'_, '_> {
     type Item = (RelPath, Entry);
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -290,7 +332,9 @@ impl Iterator for Stream {
             if let Some(item) = self.current.next() {
                 return Some(item);
             }
-            self.current = self.rx.recv().ok()?.into_iter();
+            let batch = self.rx.recv().ok()?;
+            self.progress.borrow_mut().saw(self.side, batch.len());
+            self.current = batch.into_iter();
         }
     }
 }

@@ -1,7 +1,7 @@
-//! The operation log (`--log-file`): one line per applied operation and one summary line per
-//! pass, each with an RFC 3339 UTC timestamp, appended.
+//! The operation log (`--log-file`), a [`Sink`] of a pass's events: one line per applied
+//! operation, one `error ...` line per problem and one summary line per pass, each with an
+//! RFC 3339 UTC timestamp, appended. `verify --repair` writes its own lines ([`OpLog::note`]).
 
-use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use crate::error::{Error, Result};
+use crate::event::{Event, Said, Sink};
 use crate::plan::Op;
 
 /// Appends to the log file, if there is one. Write errors are reported once and then ignored:
@@ -17,10 +18,9 @@ use crate::plan::Op;
 pub struct OpLog {
     file: Option<File>,
     failed: bool,
-    /// Problems reported in this pass, and in the one before: a problem that the previous pass
-    /// reported too is not said again (a `watch` retrying the same failure every second).
-    said: HashSet<String>,
-    said_before: HashSet<String>,
+    /// A problem that the previous pass logged too is not logged again (a `watch` retrying the
+    /// same failure every second).
+    said: Said,
 }
 
 impl OpLog {
@@ -41,8 +41,7 @@ impl OpLog {
         Ok(OpLog {
             file,
             failed: false,
-            said: HashSet::new(),
-            said_before: HashSet::new(),
+            said: Said::default(),
         })
     }
 
@@ -57,7 +56,7 @@ impl OpLog {
         }
     }
 
-    pub fn op(&mut self, op: &Op) {
+    fn op(&mut self, op: &Op) {
         if self.file.is_none() {
             return;
         }
@@ -73,29 +72,11 @@ impl OpLog {
         self.line(&text);
     }
 
-    /// Starts a pass: what the last one reported becomes what is not said again.
-    pub fn new_pass(&mut self) {
-        self.said_before = std::mem::take(&mut self.said);
-    }
-
-    /// Reports a problem on stderr and in the log file, unless the previous pass did.
-    pub fn problem(&mut self, msg: &str) {
-        if self.is_new(msg) {
-            log::error!("{msg}");
+    /// An error line, unless the previous pass logged the same.
+    fn problem(&mut self, msg: &str) {
+        if self.said.is_new(msg) {
             self.error(msg);
         }
-    }
-
-    /// [`OpLog::problem`] for one the caller says on stderr itself: the log file only.
-    pub fn logged_problem(&mut self, msg: &str) {
-        if self.is_new(msg) {
-            self.error(msg);
-        }
-    }
-
-    fn is_new(&mut self, msg: &str) -> bool {
-        self.said.insert(msg.to_string());
-        !self.said_before.contains(msg)
     }
 
     pub fn error(&mut self, msg: &str) {
@@ -106,8 +87,18 @@ impl OpLog {
     pub fn note(&mut self, text: &str) {
         self.line(text);
     }
+}
 
-    pub fn summary(&mut self, text: &str) {
-        self.line(text);
+impl Sink for OpLog {
+    fn event(&mut self, e: &Event) {
+        match e {
+            Event::Started => self.said.new_pass(),
+            Event::Applied { op, .. } => self.op(op),
+            Event::Failed(err) | Event::Problem(err) => self.problem(&err.message),
+            Event::Fixed(err) => self.error(&err.message),
+            Event::Unsynced(why) => self.error(why),
+            Event::Summary { summary, .. } => self.line(&summary.line()),
+            Event::Scanned { .. } | Event::Planned { .. } | Event::Skipped(_) => {}
+        }
     }
 }

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::diff::{Change, diff};
 use crate::entry::{Hash, RelPath, shown};
 use crate::error::{Error, ErrorKind, PathError, Result};
+use crate::event::{Discard, Event, Fanout, Shortfall, Sink, Summary};
 use crate::hash::fill_tree_hashes;
 use crate::index::{FS_TRAITS, Index, ReadIndex, Roots, Snapshot, Table, Update};
 use crate::merge;
@@ -45,6 +46,8 @@ pub struct Report {
     /// Why a sync would refuse to apply this plan (a guard rail); set by [`status`] only, as
     /// `sync` returns the refusal as its error.
     pub refused: Option<String>,
+    /// The pass changed nothing and failed exactly as the session's pass before it did.
+    pub repeated: bool,
 }
 
 impl Report {
@@ -61,59 +64,48 @@ impl Report {
             && !self.outcome.halted()
     }
 
-    /// The one-line summary printed after a sync and logged: what was done, not what was
-    /// planned; a run that stopped early says how many planned changes it did not make.
-    pub fn summary(&self) -> String {
-        let done = &self.outcome.done;
-        let mut line = format!(
-            "synced: {} created, {} modified, {} type changed, {} deleted, {} moved, {} copied, {} metadata, {} written, {} errors in {:.2}s",
-            done.get(Code::Add),
-            done.get(Code::Modify),
-            done.get(Code::Type),
-            done.get(Code::Delete),
-            done.get(Code::Move),
-            done.get(Code::Copy),
-            done.get(Code::Meta),
-            human_bytes(self.outcome.bytes_written),
-            self.error_count(),
-            self.elapsed.as_secs_f64()
-        );
-        let left = (self.plan.items.len() as u64).saturating_sub(done.total());
-        if left > 0 {
-            let why = if self.outcome.interrupted {
-                "interrupted"
-            } else if self.outcome.disk_full {
-                "the replica's filesystem is full"
-            } else if self.outcome.read_only {
-                "the replica's filesystem is read-only"
-            } else if self.outcome.index_full {
-                "the index's filesystem is full"
-            } else {
-                "see the errors above"
-            };
-            line.push_str(&format!(
-                "; {left} of {} planned changes not made ({why})",
-                self.plan.items.len()
-            ));
+    /// The pass as counts: what was done, not what was planned; a run that stopped early says
+    /// how many planned changes it did not make, and why.
+    pub fn totals(&self) -> Summary {
+        let (done, o) = (&self.outcome.done, &self.outcome);
+        let planned = self.plan.items.len() as u64;
+        let not_made = planned.saturating_sub(done.total());
+        let shortfall = (not_made > 0).then_some(if o.interrupted {
+            Shortfall::Interrupted
+        } else if o.disk_full {
+            Shortfall::ReplicaFull
+        } else if o.read_only {
+            Shortfall::ReplicaReadOnly
+        } else if o.index_full {
+            Shortfall::IndexFull
+        } else {
+            Shortfall::Errors
+        });
+        Summary {
+            created: done.get(Code::Add),
+            modified: done.get(Code::Modify),
+            type_changed: done.get(Code::Type),
+            deleted: done.get(Code::Delete),
+            moved: done.get(Code::Move),
+            copied: done.get(Code::Copy),
+            metadata: done.get(Code::Meta),
+            bytes_written: o.bytes_written,
+            errors: self.error_count() as u64,
+            planned,
+            not_made,
+            shortfall,
+            interrupted: o.interrupted,
+            elapsed: self.elapsed,
         }
-        line
+    }
+
+    /// The one-line summary printed after a sync and logged ([`Summary::line`]).
+    pub fn summary(&self) -> String {
+        self.totals().line()
     }
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+pub use crate::event::human_bytes;
 
 /// Both trees of one pass, as far as the plan needs them (see [`merge`]).
 struct Scanned {
@@ -129,16 +121,22 @@ struct Scanned {
 
 /// Scans both trees beneath their held roots (see [`merge::scan`]; `None`: the replica does not
 /// exist yet), then hashes what must be hashed. Returns the kept parts of the trees and what
-/// the index should learn from the scan. `fs` is what the replica's filesystem keeps.
+/// the index should learn from the scan. `fs` is what the replica's filesystem keeps. `sink`
+/// hears the scan's progress.
 fn scan_both(
     cfg: &Config,
     snapshot: &Snapshot,
     (source, replica): (Root, Option<Root>),
     fs: FsTraits,
+    sink: &mut dyn Sink,
 ) -> Result<(Scanned, Vec<Update>)> {
     let t = Instant::now();
     let merge::Merged { src, dst, contents } =
-        merge::scan(source, replica, snapshot, cfg.owners, fs)?;
+        merge::scan(source, replica, snapshot, cfg.owners, fs, sink)?;
+    sink.event(&Event::Scanned {
+        source: src.seen as u64,
+        replica: dst.seen as u64,
+    });
     let (mut src_tree, mut dst_tree) = (src.tree, dst.tree);
     let src_moved = scan::reuse_by_inode(&mut src_tree, &src.stale);
     let dst_moved = scan::reuse_by_inode(&mut dst_tree, &dst.stale);
@@ -299,7 +297,7 @@ pub fn status(cfg: &Config) -> Result<Report> {
         source_root(cfg, source.as_fd()),
         replica.as_ref().map(replica_root),
     );
-    let (mut s, _) = scan_both(cfg, &snapshot, roots, fs)?;
+    let (mut s, _) = scan_both(cfg, &snapshot, roots, fs, &mut Discard)?;
     let plan = make_plan(cfg, &mut s, &snapshot)?;
     let mut report = Report {
         refused: guard_rails(cfg, &s, &plan),
@@ -377,9 +375,25 @@ pub struct Session {
     /// `None` until the replica exists (a sync creates it).
     root: Option<ReplicaRoot>,
     index: Index,
+    /// The log file, and the other sinks every pass's events go to (see [`Session::add_sink`]).
     log: OpLog,
-    /// Whether a pass that did nothing writes a summary line to the log.
+    sinks: Fanout,
+    /// Whether a pass that did nothing is reported: its summary logged and sent to the sinks.
+    /// A `watch` says no, and then does not send the summary of a pass that only failed again
+    /// as the one before it did either.
     log_idle: bool,
+    /// What the last pass reported as problems, in order.
+    last_problems: Vec<String>,
+}
+
+/// The session's sinks as one: the log file, then the others.
+struct Chain<'a>(&'a mut OpLog, &'a mut Fanout);
+
+impl Sink for Chain<'_> {
+    fn event(&mut self, e: &Event) {
+        self.0.event(e);
+        self.1.event(e);
+    }
 }
 
 impl Session {
@@ -392,10 +406,15 @@ impl Session {
             cfg.roots.check_replica(root.fd())?;
             lock(root)?;
         }
-        Self::open_index(cfg, root, OpLog::open(cfg.log_file.as_deref())?)
+        let sinks = (OpLog::open(cfg.log_file.as_deref())?, Fanout::default());
+        Self::open_index(cfg, root, sinks)
     }
 
-    fn open_index(cfg: &Config, root: Option<ReplicaRoot>, log: OpLog) -> Result<Session> {
+    fn open_index(
+        cfg: &Config,
+        root: Option<ReplicaRoot>,
+        (log, sinks): (OpLog, Fanout),
+    ) -> Result<Session> {
         let roots = Roots {
             source: &cfg.roots.source,
             replica: &cfg.roots.replica,
@@ -406,28 +425,38 @@ impl Session {
             root,
             index,
             log,
+            sinks,
             log_idle: true,
+            last_problems: Vec::new(),
         })
     }
 
     /// The same session for another source (a source link that now points elsewhere): the
-    /// index is opened again for `cfg`, the replica stays held and locked.
+    /// index is opened again for `cfg`, the replica stays held and locked, the sinks stay.
     pub fn with_source(self, cfg: &Config) -> Result<Session> {
         let Session {
             root,
             index,
             log,
+            sinks,
             log_idle,
+            last_problems,
             ..
         } = self;
         // The index allows one writer: this one goes before it is opened again.
         drop(index);
-        let mut session = Self::open_index(cfg, root, log)?;
+        let mut session = Self::open_index(cfg, root, (log, sinks))?;
         session.log_idle = log_idle;
+        session.last_problems = last_problems;
         Ok(session)
     }
 
-    /// Whether a pass that did nothing writes its summary line to the log (`watch` says no).
+    /// Sends the events of every later pass to `sink` too (after the log file).
+    pub fn add_sink(&mut self, sink: Box<dyn Sink + Send>) {
+        self.sinks.push(sink);
+    }
+
+    /// Whether a pass that did nothing is reported (`watch` says no; see `log_idle`).
     pub fn log_idle_passes(&mut self, yes: bool) {
         self.log_idle = yes;
     }
@@ -448,9 +477,9 @@ impl Session {
         Ok(self.root.as_ref().expect("just set"))
     }
 
-    /// Writes an error line to the operation log.
-    pub fn log_error(&mut self, msg: &str) {
-        self.log.error(msg);
+    /// Tells the sinks that no pass ran, or that one was refused: why ([`Event::Unsynced`]).
+    pub fn unsynced(&mut self, why: &str) {
+        Chain(&mut self.log, &mut self.sinks).event(&Event::Unsynced(why));
     }
 
     /// What the replica's filesystem keeps: probed the first time and recorded in the index. The
@@ -492,14 +521,15 @@ impl Session {
         let start = Instant::now();
         // The directory scanned is the one the checks were made on, not what the path names now.
         self.cfg.roots.check_source(source)?;
-        self.log.new_pass();
+        Chain(&mut self.log, &mut self.sinks).event(&Event::Started);
         self.hold_replica()?;
         let cfg = &self.cfg;
         let held = self.root.as_ref().expect("held above");
         let fs = self.replica_fs(held)?;
         let snapshot = self.index.snapshot()?;
         let roots = (source_root(cfg, source), Some(replica_root(held)));
-        let (mut s, learned) = scan_both(cfg, &snapshot, roots, fs)?;
+        let mut chain = Chain(&mut self.log, &mut self.sinks);
+        let (mut s, learned) = scan_both(cfg, &snapshot, roots, fs, &mut chain)?;
         log::debug!("scanned in {:?}", start.elapsed());
         let plan = make_plan(cfg, &mut s, &snapshot)?;
         // Pages the snapshot still sees cannot be reused by the commits below.
@@ -518,28 +548,53 @@ impl Session {
         log::debug!("scan recorded in {:?}", start.elapsed());
         let fd = held.try_clone().map_err(|e| Error::io(held.path(), e))?;
         let replica = LocalReplica::with_root(fd, cfg.owners);
-        let outcome = apply(
-            &plan,
-            &replica,
-            source_root(cfg, source),
-            &mut rec,
-            &mut self.log,
-            stop,
-        )?;
+        chain.event(&Event::Planned {
+            ops: plan.ops.len() as u64,
+            bytes: plan.bytes_to_copy,
+        });
+        let root = source_root(cfg, source);
+        let outcome = apply(&plan, &replica, root, &mut rec, &mut chain, stop)?;
         let mut report = Report {
             plan,
             outcome,
             ..Report::default()
         };
         describe_problems(&mut report, &s);
-        for e in &report.scan_errors {
-            self.log.logged_problem(&e.message);
-        }
         report.elapsed = start.elapsed();
-        if self.log_idle || !report.is_idle() {
-            self.log.summary(&report.summary());
-        }
+        self.finish_pass(&mut report);
         Ok(report)
+    }
+
+    /// Sends the end of a pass to the sinks: its skipped files, its scan problems and (unless
+    /// it is not reported, see `log_idle`) its summary.
+    fn finish_pass(&mut self, report: &mut Report) {
+        let problems: Vec<String> = (report.scan_errors.iter())
+            .chain(&report.outcome.errors)
+            .map(|e| e.message.clone())
+            .collect();
+        report.repeated = report.outcome.done.total() == 0
+            && !problems.is_empty()
+            && problems == self.last_problems;
+        self.last_problems = problems;
+        let mut chain = Chain(&mut self.log, &mut self.sinks);
+        for p in &report.skipped {
+            chain.event(&Event::Skipped(p));
+        }
+        for e in &report.scan_errors {
+            chain.event(&Event::Problem(e));
+        }
+        let idle = report.is_idle();
+        let summary = report.totals();
+        let end = Event::Summary {
+            summary: &summary,
+            plan: &report.plan,
+        };
+        if self.log_idle || !idle {
+            self.log.event(&end);
+        }
+        if self.log_idle || !(idle || report.repeated) {
+            self.sinks.event(&end);
+        }
     }
 }
 

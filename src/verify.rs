@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::apply::{restore_from_source, source_has, written};
 use crate::config::Config;
 use crate::entry::{Content, Entry, Kind, Meta, RelPath};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, PathError, Result};
 use crate::index::{Index, ReadIndex, Roots, Table, Update};
 use crate::oplog::OpLog;
 use crate::replica::Replica;
@@ -54,18 +54,28 @@ pub enum Fault {
     Missing,
 }
 
+impl Fault {
+    /// Its name in lines and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::Corrupt => "corrupt",
+            Fault::Missing => "missing",
+        }
+    }
+}
+
 /// What became of a difference.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fix {
     /// No repair was asked for (or the run was stopped before it got there).
     Untried,
     Repaired,
-    /// Could not be repaired; why.
-    Failed(String),
+    /// Could not be repaired; why, and the kind of failure.
+    Failed(ErrorKind, String),
     /// Dry run: the source has the content, a repair would rewrite it.
     WouldRepair,
-    /// Dry run: a repair could not rewrite it; why.
-    WouldFail(String),
+    /// Dry run: a repair could not rewrite it; why, and the kind of failure.
+    WouldFail(ErrorKind, String),
 }
 
 /// One recorded file that differs.
@@ -99,26 +109,34 @@ impl Difference {
         };
         let p = &self.path;
         match &self.fix {
-            Fix::Untried | Fix::Failed(_) => format!("{fault} {p}"),
+            Fix::Untried | Fix::Failed(..) => format!("{fault} {p}"),
             Fix::Repaired => format!("{repaired} {p}"),
             Fix::WouldRepair => format!("would {repair} {p}"),
-            Fix::WouldFail(why) => format!("cannot {repair} {p}: {why}"),
+            Fix::WouldFail(_, why) => format!("cannot {repair} {p}: {why}"),
         }
     }
 
-    /// The error message for a failed repair.
-    pub fn error(&self) -> Option<String> {
-        let Fix::Failed(why) = &self.fix else {
+    /// The error of a failed repair: its path, kind and message.
+    pub fn error(&self) -> Option<PathError> {
+        let Fix::Failed(kind, why) = &self.fix else {
             return None;
         };
-        let fault = match self.fault {
-            Fault::Corrupt => "corrupt",
-            Fault::Missing => "missing",
-        };
-        Some(format!(
-            "{fault} {}: {why}; run `dirsync sync` to bring it up to date",
+        let message = format!(
+            "{} {}: {why}; run `dirsync sync` to bring it up to date",
+            self.fault.as_str(),
             self.path
-        ))
+        );
+        Some(PathError::new(&self.path, *kind, message))
+    }
+
+    /// What kind of problem this is: why a repair failed or would fail; else `not_found` for
+    /// a missing file and `other` for a corrupt one.
+    pub fn kind(&self) -> ErrorKind {
+        match (&self.fix, self.fault) {
+            (Fix::Failed(kind, _) | Fix::WouldFail(kind, _), _) => *kind,
+            (_, Fault::Missing) => ErrorKind::NotFound,
+            (_, Fault::Corrupt) => ErrorKind::Other,
+        }
     }
 
     fn is_good_now(&self) -> bool {
@@ -136,7 +154,7 @@ pub struct Verified {
     /// Replica files the index has no hash for (not written or verified by dirsync yet).
     pub unrecorded: Vec<RelPath>,
     /// Paths that could not be checked, and failures to record a repair, already described.
-    pub errors: Vec<String>,
+    pub errors: Vec<PathError>,
 }
 
 impl Verified {
@@ -159,11 +177,11 @@ impl Verified {
         );
         let (done, failed) = (
             fixes(|f| *f == Fix::Repaired),
-            fixes(|f| matches!(f, Fix::Failed(_))),
+            fixes(|f| matches!(f, Fix::Failed(..))),
         );
         let (would, would_not) = (
             fixes(|f| *f == Fix::WouldRepair),
-            fixes(|f| matches!(f, Fix::WouldFail(_))),
+            fixes(|f| matches!(f, Fix::WouldFail(..))),
         );
         if done + failed > 0 {
             s += &format!("; {done} repaired, {failed} could not be");
@@ -253,11 +271,11 @@ fn unrepairable(v: &mut Verified, why: &Error, mut log: Option<&mut OpLog>) {
     for d in &mut v.differences {
         let msg = format!("the source cannot be opened: {why}");
         match log.as_deref_mut() {
-            None => d.fix = Fix::WouldFail(msg),
+            None => d.fix = Fix::WouldFail(why.kind(), msg),
             Some(log) => {
-                d.fix = Fix::Failed(msg);
-                if let Some(line) = d.error() {
-                    log.error(&line);
+                d.fix = Fix::Failed(why.kind(), msg);
+                if let Some(e) = d.error() {
+                    log.error(&e.message);
                 }
             }
         }
@@ -281,8 +299,10 @@ pub fn compare(tree: &Tree, recorded: Vec<(RelPath, Entry)>) -> Verified {
         ..Verified::default()
     };
     for p in &tree.problems {
-        v.errors
-            .push(format!("cannot read {}: {}", p.path.display(), p.error));
+        let path = p.path.display();
+        let message = format!("cannot read {path}: {}", p.error);
+        let kind = ErrorKind::of(&p.error);
+        v.errors.push(PathError::new(path, kind, message));
     }
     let missing = |v: &mut Verified, path: RelPath, e: Entry| {
         // Below an unreadable directory, a path was not seen, not found missing.
@@ -307,8 +327,10 @@ pub fn compare(tree: &Tree, recorded: Vec<(RelPath, Entry)>) -> Verified {
                 None => v.unrecorded.push(path.clone()),
             },
             (Content::File { hash: Some(_), .. }, None) => v.unrecorded.push(path.clone()),
-            (Content::File { hash: None, .. }, _) => v.errors.push(format!(
-                "{path} changed while it was read and was not verified; run verify again"
+            (Content::File { hash: None, .. }, _) => v.errors.push(PathError::new(
+                path,
+                ErrorKind::ChangedWhileRead,
+                format!("{path} changed while it was read and was not verified; run verify again"),
             )),
             (_, Some(r)) => missing(&mut v, path.clone(), r),
             (_, None) => {}
@@ -342,8 +364,11 @@ pub fn dry_run(v: &mut Verified, source: Root) {
     for d in &mut v.differences {
         d.fix = match source_has(source, &d.path, &d.recorded) {
             Ok(true) => Fix::WouldRepair,
-            Ok(false) => Fix::WouldFail(SOURCE_CHANGED.into()),
-            Err(e) => Fix::WouldFail(format!("it cannot be read from the source: {e}")),
+            Ok(false) => Fix::WouldFail(ErrorKind::ChangedWhileRead, SOURCE_CHANGED.into()),
+            Err(e) => Fix::WouldFail(
+                ErrorKind::of(&e),
+                format!("it cannot be read from the source: {e}"),
+            ),
         };
     }
 }
@@ -373,11 +398,14 @@ pub fn repair(
                 repaired.insert(d.path.clone());
                 Fix::Repaired
             }
-            Ok(None) => Fix::Failed(SOURCE_CHANGED.into()),
-            Err(e) => Fix::Failed(format!("it cannot be rewritten from the source: {e}")),
+            Ok(None) => Fix::Failed(ErrorKind::ChangedWhileRead, SOURCE_CHANGED.into()),
+            Err(e) => Fix::Failed(
+                ErrorKind::of(&e),
+                format!("it cannot be rewritten from the source: {e}"),
+            ),
         };
         match d.error() {
-            Some(msg) => log.error(&msg),
+            Some(e) => log.error(&e.message),
             None => log.note(&d.line()),
         }
     }
@@ -385,11 +413,12 @@ pub fn repair(
     let mut dirs: Vec<RelPath> = changed.filter_map(RelPath::parent).collect();
     dirs.extend(created.iter().cloned());
     for e in restore_dirs(dirs, &created, tree, replica, source) {
-        log.error(&e);
+        log.error(&e.message);
         v.errors.push(e);
     }
     if let Err(e) = index.commit(&updates) {
-        v.errors.push(e.to_string());
+        v.errors
+            .push(PathError::new(RelPath::root(), e.kind(), e.to_string()));
     }
 }
 
@@ -468,7 +497,7 @@ fn restore_dirs(
     tree: &Tree,
     replica: &dyn Replica,
     source: Root,
-) -> Vec<String> {
+) -> Vec<PathError> {
     dirs.sort_unstable_by(|a, b| b.cmp(a));
     dirs.dedup();
     let mut errors = Vec::new();
@@ -478,9 +507,10 @@ fn restore_dirs(
             _ => source_dir_meta(source, &d),
         };
         if let Err(e) = meta.and_then(|m| replica.set_meta(&d, Kind::Dir, &m)) {
-            errors.push(format!(
+            let message = format!(
                 "cannot set the metadata of directory {d} in the replica: {e}; the next sync sets it"
-            ));
+            );
+            errors.push(PathError::new(&d, ErrorKind::of(&e), message));
         }
     }
     errors

@@ -24,10 +24,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{self, Config};
 use crate::error::{Error, Result};
+use crate::event::Sink;
 use crate::nesting::DirId;
 use crate::replica::root::ReplicaRoot;
 use crate::scan;
-use crate::sync::{Report, Session};
+use crate::sync::Session;
 
 /// The shortest interval between the starts of two passes.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
@@ -38,12 +39,14 @@ pub const MAX_INTERVAL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// At most one heartbeat line per this much idle time.
 const HEARTBEAT: Duration = Duration::from_secs(3600);
 
-/// Runs passes until `stop` is set; `each` sees the report of every pass that changed
-/// something or had errors. Returns whether the watch ended in trouble: its last pass had
+/// Runs passes until `stop` is set; `sink` hears the events of every pass, and the summary
+/// of every pass that changed something or had errors (not of one that only failed again as
+/// the one before it did). Returns whether the watch ended in trouble: its last pass had
 /// errors or was refused, or it was paused.
-pub fn watch(cfg: &Config, stop: &AtomicBool, mut each: impl FnMut(&Report)) -> Result<bool> {
+pub fn watch(cfg: &Config, stop: &AtomicBool, sink: Box<dyn Sink + Send>) -> Result<bool> {
     let mut session = Session::open(cfg)?;
     session.log_idle_passes(false);
+    session.add_sink(sink);
     session.hold_replica()?;
     let mut w = Watch {
         source: Source::new(cfg),
@@ -51,18 +54,17 @@ pub fn watch(cfg: &Config, stop: &AtomicBool, mut each: impl FnMut(&Report)) -> 
         paused: None,
         idle: Idle::new(),
         troubled: false,
-        last_problems: Vec::new(),
     };
     loop {
         let started = Instant::now();
         match check(&session, &w.source, &w.cfg)? {
             Ready::Paused(why) => w.pause(&mut session, why),
-            Ready::Pass(fd) => w.pass(&mut session, &fd, stop, &mut each)?,
+            Ready::Pass(fd) => w.pass(&mut session, &fd, stop)?,
             Ready::Retargeted(fd, new) => {
                 // The index is opened again for the new source; the replica stays held.
                 session = session.with_source(&new)?;
                 w.adopt(new);
-                w.pass(&mut session, &fd, stop, &mut each)?;
+                w.pass(&mut session, &fd, stop)?;
             }
         }
         if stop.load(Ordering::Relaxed) {
@@ -89,14 +91,6 @@ struct Watch {
     idle: Idle,
     /// Whether the last pass had errors or was refused, or the watch is paused.
     troubled: bool,
-    /// What the last pass reported as problems, to say a repeated failure only once.
-    last_problems: Vec<String>,
-}
-
-/// Every problem a pass reports, in order.
-fn problems_of(report: &Report) -> Vec<String> {
-    let all = report.scan_errors.iter().chain(&report.outcome.errors);
-    all.map(|e| e.message.clone()).collect()
 }
 
 impl Watch {
@@ -104,7 +98,7 @@ impl Watch {
     fn pause(&mut self, session: &mut Session, why: String) {
         if self.paused.as_ref() != Some(&why) {
             log::error!("{why}");
-            session.log_error(&why);
+            session.unsynced(&why);
             self.troubled = true;
             self.paused = Some(why);
             self.idle.reset();
@@ -130,14 +124,9 @@ impl Watch {
         self.cfg = new;
     }
 
-    /// One pass from the source root `fd`; only a pass that did something is reported.
-    fn pass(
-        &mut self,
-        session: &mut Session,
-        fd: &OwnedFd,
-        stop: &AtomicBool,
-        each: &mut impl FnMut(&Report),
-    ) -> Result<()> {
+    /// One pass from the source root `fd`; only a pass that did something is reported (the
+    /// session sends its summary to the sinks).
+    fn pass(&mut self, session: &mut Session, fd: &OwnedFd, stop: &AtomicBool) -> Result<()> {
         if self.paused.take().is_some() {
             log::warn!(
                 "{} -> {}: both roots are back; resuming",
@@ -151,22 +140,16 @@ impl Watch {
                 self.troubled = report.error_count() > 0;
                 // A pass that only fails again as the last one did says nothing new: it is
                 // reported once, then counted with the idle passes until something changes.
-                let problems = problems_of(&report);
-                let repeated = report.outcome.done.total() == 0
-                    && !problems.is_empty()
-                    && problems == self.last_problems;
-                self.last_problems = problems;
-                if report.is_idle() || repeated {
+                if report.is_idle() || report.repeated {
                     self.idle.pass(&self.cfg);
                 } else {
-                    each(&report);
                     self.idle.reset();
                 }
             }
             Err(Error::Refused { msg }) => {
                 self.troubled = true;
                 log::error!("{msg}; this pass changed nothing, watching on");
-                session.log_error(&msg);
+                session.unsynced(&msg);
                 self.idle.reset();
             }
             Err(e) => return Err(e),
