@@ -8,7 +8,8 @@
 //!   inside another).
 //! - [`diff`] and [`plan`]: pure functions from two trees to an ordered list of operations.
 //! - [`merge`]: scans both trees at once in bounded memory, keeping what may differ.
-//! - [`oplog`] logs operations; [`apply`] runs a plan and logs it.
+//! - [`event`]: the typed events of a pass and the sinks that render them; [`oplog`], the log
+//!   file, is one; [`apply`] runs a plan and tells a sink what each operation did.
 //! - [`sync`], [`watch`], [`verify`], [`report`]: the commands; [`config`] validates their input.
 //!
 //! See `docs/ARCHITECTURE.md` for the data flow, the index schema and the invariants.

@@ -137,7 +137,7 @@ fn second_sync_is_a_noop() {
     let before = snapshot(&fx.dst);
     let ctimes_before = ctimes(&fx.dst);
     sleep(TICK);
-    let second = fx.sync().code(0);
+    let second = fx.run("sync", &["--json"]).code(0);
     assert_unchanged(&before, &snapshot(&fx.dst), "a no-op sync");
     assert_eq!(
         ctimes_before,
@@ -145,7 +145,7 @@ fn second_sync_is_a_noop() {
         "a no-op sync wrote to DST (ctimes changed)"
     );
     fx.assert_up_to_date();
-    let summary = parse_summary(&stderr_of(&second));
+    let summary = json_summary(&pass_json(&second));
     assert_eq!(summary, Summary::default(), "second sync should do nothing");
 }
 

@@ -84,8 +84,8 @@ fn root_directory_metadata_changes_are_shown_applied_and_counted() {
     assert_eq!(v["changes"][0]["path"], ".", "{json}");
     let dry = fx.run("sync", &["-n"]).code(0);
     assert_eq!(stdout_lines(&dry), ["m ."]);
-    let a = fx.sync().code(0);
-    assert_eq!(parse_summary(&stderr_of(&a)).metadata, 1);
+    let a = fx.run("sync", &["--json"]).code(0);
+    assert_eq!(json_summary(&pass_json(&a)).metadata, 1);
     let mode = fs::metadata(&fx.dst).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode, 0o750);
     fx.assert_up_to_date();
@@ -113,12 +113,13 @@ fn summary_counts_only_what_was_applied() {
         eprintln!("skipped: the filesystem has no immutable attribute");
         return;
     };
-    let a = fx.sync().code(3);
-    let err = stderr_of(&a);
-    let s = parse_summary(&err);
+    let a = fx.run("sync", &["--json"]).code(3);
+    let v = pass_json(&a);
+    let s = json_summary(&v);
     // `open` and `open/z` were made; `locked/x` and `locked/y` could not be, nor could the
     // mtime of `locked` be set (its `m` change).
-    assert_eq!((s.created, s.errors, s.not_made), (2, 3, 3), "{err}");
+    assert_eq!((s.created, s.errors, s.not_made), (2, 3, 3), "{v}");
+    assert_eq!(v["exit"], 3, "{v}");
     assert!(dst_has(&fx.dst, "open/z") && !dst_has(&fx.dst, "locked/x"));
 }
 
@@ -168,7 +169,7 @@ fn a_type_change_is_counted_as_one() {
     fx.sync().code(0);
     fs::remove_file(fx.src.join("t")).unwrap();
     write(&fx.src.join("t/inner"), "x");
-    let s = parse_summary(&stderr_of(&fx.sync().code(0)));
+    let s = json_summary(&pass_json(&fx.run("sync", &["--json"]).code(0)));
     assert_eq!((s.type_changed, s.modified, s.created), (1, 0, 1));
     assert_mirror(&fx.src, &fx.dst);
 }
