@@ -629,6 +629,44 @@ impl Fixture {
     }
 }
 
+/// The one JSON object `sync --json` printed on stdout (docs/CLI.md, "Results as data"),
+/// checked for its version and kind; panics if stdout is not exactly one such line.
+#[track_caller]
+pub fn pass_json(assert: &Assert) -> serde_json::Value {
+    let lines = stdout_lines(assert);
+    assert_eq!(lines.len(), 1, "one JSON line on stdout: {lines:?}");
+    let v: serde_json::Value = serde_json::from_str(&lines[0])
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", lines[0]));
+    assert_eq!(
+        (&v["version"], &v["kind"]),
+        (&1.into(), &"sync".into()),
+        "{v}"
+    );
+    v
+}
+
+/// The counts of a pass's JSON object (see [`pass_json`]) as [`Summary`] holds them; `errors`
+/// is how many errors it lists.
+#[track_caller]
+pub fn json_summary(v: &serde_json::Value) -> Summary {
+    let n = |k: &str| {
+        v["counts"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no count {k}: {v}"))
+    };
+    Summary {
+        created: n("created"),
+        modified: n("modified"),
+        type_changed: n("type_changed"),
+        deleted: n("deleted"),
+        moved: n("moved"),
+        copied: n("copied"),
+        metadata: n("metadata"),
+        errors: v["errors"].as_array().expect("an errors list").len() as u64,
+        not_made: v["not_made"].as_u64().expect("not_made"),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Background processes
 // ---------------------------------------------------------------------------------------------
@@ -1106,43 +1144,5 @@ mod walker_tests {
                 LogLine::Summary("synced: x".into())
             ]
         );
-    }
-}
-
-/// The one JSON object `sync --json` printed on stdout (docs/CLI.md, "Results as data"),
-/// checked for its version and kind; panics if stdout is not exactly one such line.
-#[track_caller]
-pub fn pass_json(assert: &Assert) -> serde_json::Value {
-    let lines = stdout_lines(assert);
-    assert_eq!(lines.len(), 1, "one JSON line on stdout: {lines:?}");
-    let v: serde_json::Value = serde_json::from_str(&lines[0])
-        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", lines[0]));
-    assert_eq!(
-        (&v["version"], &v["kind"]),
-        (&1.into(), &"sync".into()),
-        "{v}"
-    );
-    v
-}
-
-/// The counts of a pass's JSON object (see [`pass_json`]) as [`Summary`] holds them; `errors`
-/// is how many errors it lists.
-#[track_caller]
-pub fn json_summary(v: &serde_json::Value) -> Summary {
-    let n = |k: &str| {
-        v["counts"][k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no count {k}: {v}"))
-    };
-    Summary {
-        created: n("created"),
-        modified: n("modified"),
-        type_changed: n("type_changed"),
-        deleted: n("deleted"),
-        moved: n("moved"),
-        copied: n("copied"),
-        metadata: n("metadata"),
-        errors: v["errors"].as_array().expect("an errors list").len() as u64,
-        not_made: v["not_made"].as_u64().expect("not_made"),
     }
 }
