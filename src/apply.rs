@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use crate::entry::{Content, Entry, Fingerprint, Hash, Kind, Meta, RACY_WINDOW_NS, RelPath, Time};
+use crate::entry::{Content, Entry, Hash, Kind, Meta, RACY_WINDOW_NS, RelPath, Stamp, Time};
 use crate::error::{ErrorKind, PathError, Result};
 use crate::event::{Event, Sink};
 use crate::index::{Index, Table, Update};
@@ -159,8 +159,9 @@ impl<'a> Recorder<'a> {
 
 /// A replica entry for a node dirsync has just written and then stat'ed: its content is known by
 /// construction, not from a read that could race a writer, so it is not racily clean.
-pub fn written(src: &Entry, content: Content, fp: Fingerprint) -> Entry {
-    let changed = fp.mtime.as_nanos().max(fp.ctime.as_nanos()) + RACY_WINDOW_NS + 1;
+pub fn written(src: &Entry, content: Content, fp: Stamp) -> Entry {
+    // An object stamp has no time and is never racy: any `seen` will do.
+    let changed = fp.changed_ns().unwrap_or(0) + RACY_WINDOW_NS + 1;
     let seen = Time {
         sec: (changed / 1_000_000_000) as i64,
         nsec: (changed % 1_000_000_000) as u32,
@@ -506,8 +507,7 @@ impl Ctx<'_> {
 
     /// Copies a file from the source, hashing it on the way, and records both sides.
     fn write(&self, path: &RelPath, planned: &Entry) -> OpResult {
-        let scanned = (planned.fp.dev, planned.fp.ino);
-        let file = SourceFile::open(self.source, path, Some(scanned))?;
+        let file = SourceFile::open(self.source, path, planned.fp.node())?;
         // Metadata as the file is now: it may have changed since the scan.
         let mut src = planned.clone();
         src.meta = file.meta();
@@ -586,7 +586,7 @@ impl SourceFile {
         self.read.meta()
     }
 
-    pub fn fingerprint(&self) -> Fingerprint {
+    pub fn fingerprint(&self) -> Stamp {
         self.read.fingerprint()
     }
 

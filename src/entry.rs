@@ -1,5 +1,5 @@
 //! The data model shared by every layer: relative paths in one canonical order, and the entry
-//! (kind, content, metadata, stat fingerprint) recorded for each path of a tree.
+//! (kind, content, metadata, the backend's stamp) recorded for each path of a tree.
 //!
 //! Invariants:
 //! - A [`RelPath`] is a '/'-separated path relative to a root, with no empty, `.` or `..`
@@ -265,14 +265,78 @@ impl Time {
     }
 }
 
-/// The stat fields that change whenever a file's content can have changed.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
-pub struct Fingerprint {
-    pub size: u64,
-    pub mtime: Time,
-    pub ctime: Time,
-    pub ino: u64,
-    pub dev: u64,
+/// What proves a node unchanged since it was looked at, as its backend can tell. Equal stamps
+/// mean "the same bytes as when the hash was taken" unless the node changed within the racy
+/// window of that look ([`Entry::is_racy`]). Each backend keeps one variant for all its nodes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Stamp {
+    /// A POSIX filesystem: size, mtime and ctime in nanoseconds, inode and device.
+    Posix {
+        size: u64,
+        mtime: Time,
+        ctime: Time,
+        ino: u64,
+        dev: u64,
+    },
+    /// A remote that keeps whole-second mtimes and no inodes (SFTP v3).
+    Seconds { size: u64, mtime: i64 },
+    /// An object store: size and the BLAKE3 of the object's ETag or version id (which changes
+    /// with every write of the object).
+    Object { size: u64, etag: Hash },
+}
+
+/// A POSIX stamp of zeros: a node not stat'ed (tests, plans built without a tree).
+impl Default for Stamp {
+    fn default() -> Stamp {
+        Stamp::Posix {
+            size: 0,
+            mtime: Time::default(),
+            ctime: Time::default(),
+            ino: 0,
+            dev: 0,
+        }
+    }
+}
+
+impl Stamp {
+    /// The size of the node's content as the backend reported it (0 for a directory).
+    pub fn size(&self) -> u64 {
+        match *self {
+            Stamp::Posix { size, .. }
+            | Stamp::Seconds { size, .. }
+            | Stamp::Object { size, .. } => size,
+        }
+    }
+
+    /// The node behind the name, `(device, inode)`, where the backend has inodes: what rename
+    /// reuse, hard-link detection and the check that a source file opened is the one scanned
+    /// key on. `None` for a backend without inodes.
+    pub fn node(&self) -> Option<(u64, u64)> {
+        match *self {
+            Stamp::Posix { ino, dev, .. } => Some((dev, ino)),
+            Stamp::Seconds { .. } | Stamp::Object { .. } => None,
+        }
+    }
+
+    /// The last time the node changed as the stamp sees it, in nanoseconds since the epoch: the
+    /// later of mtime and ctime (POSIX), the mtime (seconds). `None` for an object stamp, which
+    /// changes with every write and so is never racily clean.
+    pub fn changed_ns(&self) -> Option<i128> {
+        match *self {
+            Stamp::Posix { mtime, ctime, .. } => Some(mtime.as_nanos().max(ctime.as_nanos())),
+            Stamp::Seconds { mtime, .. } => Some(mtime as i128 * 1_000_000_000),
+            Stamp::Object { .. } => None,
+        }
+    }
+
+    /// Whether the stamp's times have nanoseconds (a POSIX stamp whose times are not both whole
+    /// seconds): only then may the racy window be narrower than a timestamp of seconds needs.
+    pub fn has_fine_times(&self) -> bool {
+        match *self {
+            Stamp::Posix { mtime, ctime, .. } => mtime.nsec != 0 || ctime.nsec != 0,
+            Stamp::Seconds { .. } | Stamp::Object { .. } => false,
+        }
+    }
 }
 
 /// What is replicated of a node besides its content.
@@ -285,19 +349,20 @@ pub struct Meta {
     pub gid: u32,
 }
 
-// The only conversions of a stat result into a fingerprint or metadata: from `fstatat`
-// (`rustix`) where the walkers and the local replica stat, from `std` where a file was opened
-// through `std::fs`. A directory's fingerprint has size 0: its `st_size` says nothing stable.
+// The only conversions of a stat result into a stamp or metadata: from `fstatat` (`rustix`)
+// where the walkers and the local replica stat, from `std` where a file was opened through
+// `std::fs`. A directory's stamp has size 0: its `st_size` says nothing stable.
 
 /// A stat timestamp (seconds, nanoseconds) as a [`Time`].
 fn stamp(sec: i64, nsec: u32) -> Time {
     Time { sec, nsec }
 }
 
-impl Fingerprint {
-    pub fn of(st: &rustix::fs::Stat) -> Fingerprint {
+impl Stamp {
+    /// The POSIX stamp of a stat result.
+    pub fn of(st: &rustix::fs::Stat) -> Stamp {
         let is_dir = rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir();
-        Fingerprint {
+        Stamp::Posix {
             size: if is_dir { 0 } else { st.st_size as u64 },
             mtime: stamp(st.st_mtime, st.st_mtime_nsec as u32),
             ctime: stamp(st.st_ctime, st.st_ctime_nsec as u32),
@@ -306,8 +371,9 @@ impl Fingerprint {
         }
     }
 
-    pub fn of_metadata(md: &std::fs::Metadata) -> Fingerprint {
-        Fingerprint {
+    /// The POSIX stamp of `std` metadata.
+    pub fn of_metadata(md: &std::fs::Metadata) -> Stamp {
+        Stamp::Posix {
             size: if md.is_dir() { 0 } else { md.size() },
             mtime: stamp(md.mtime(), md.mtime_nsec() as u32),
             ctime: stamp(md.ctime(), md.ctime_nsec() as u32),
@@ -389,10 +455,12 @@ mod hash_bytes {
     }
 }
 
-/// Time, fingerprint and metadata encode as fixed-width little-endian byte strings: one read
-/// per group instead of a dozen variable-length integers.
+/// Time, stamp and metadata encode as fixed-width little-endian byte strings: one read per
+/// group instead of a dozen variable-length integers.
+pub(crate) use fixed::PosixV2;
+
 mod fixed {
-    use super::{Fingerprint, Meta, Time};
+    use super::{Meta, Stamp, Time};
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     struct Out<const N: usize>([u8; N], usize);
@@ -457,27 +525,101 @@ mod fixed {
         }
     }
 
-    impl Serialize for Fingerprint {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            let mut o = Out::<48>::new();
-            o.put(&self.size.to_le_bytes())
-                .time(self.mtime)
-                .time(self.ctime);
-            o.put(&self.ino.to_le_bytes()).put(&self.dev.to_le_bytes());
-            s.serialize_bytes(&o.0)
+    /// Tags of the stamp variants in the encoding (schema 3): the first byte of the record.
+    const POSIX: u8 = 0;
+    const SECONDS: u8 = 1;
+    const OBJECT: u8 = 2;
+
+    impl Out<49> {
+        fn posix(&mut self, s: &Stamp) -> &mut Self {
+            if let Stamp::Posix {
+                size,
+                mtime,
+                ctime,
+                ino,
+                dev,
+            } = *s
+            {
+                self.put(&size.to_le_bytes()).time(mtime).time(ctime);
+                self.put(&ino.to_le_bytes()).put(&dev.to_le_bytes());
+            }
+            self
         }
     }
 
-    impl<'de> Deserialize<'de> for Fingerprint {
+    impl In<'_> {
+        fn posix(&mut self) -> Stamp {
+            Stamp::Posix {
+                size: self.u64(),
+                mtime: self.time(),
+                ctime: self.time(),
+                ino: self.u64(),
+                dev: self.u64(),
+            }
+        }
+    }
+
+    /// A stamp is one byte string: its variant's tag, then the variant's fields at fixed
+    /// widths, so a record decodes with one length check and one branch.
+    impl Serialize for Stamp {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut o = Out::<49>::new();
+            match *self {
+                Stamp::Posix { .. } => o.put(&[POSIX]).posix(self),
+                Stamp::Seconds { size, mtime } => o
+                    .put(&[SECONDS])
+                    .put(&size.to_le_bytes())
+                    .put(&mtime.to_le_bytes()),
+                Stamp::Object { size, etag } => {
+                    o.put(&[OBJECT]).put(&size.to_le_bytes()).put(&etag)
+                }
+            };
+            s.serialize_bytes(&o.0[..o.1])
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Stamp {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            let mut i = read(d, 48)?;
-            Ok(Fingerprint {
-                size: i.u64(),
-                mtime: i.time(),
-                ctime: i.time(),
-                ino: i.u64(),
-                dev: i.u64(),
+            let b = <&'de [u8]>::deserialize(d)?;
+            let mut i = In(b.get(1..).unwrap_or_default());
+            Ok(match (b.first(), b.len()) {
+                (Some(&POSIX), 49) => i.posix(),
+                (Some(&SECONDS), 17) => Stamp::Seconds {
+                    size: i.u64(),
+                    mtime: i.u64() as i64,
+                },
+                (Some(&OBJECT), 41) => Stamp::Object {
+                    size: i.u64(),
+                    etag: i.take(),
+                },
+                _ => {
+                    return Err(serde::de::Error::invalid_value(
+                        serde::de::Unexpected::Bytes(b),
+                        &"a stamp record (a known variant tag and its length)",
+                    ));
+                }
             })
+        }
+    }
+
+    /// A POSIX stamp in the encoding of index schema 2: the five fields at fixed widths
+    /// (48 bytes), without a tag. Only read, to migrate or show such an index.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub struct PosixV2(pub Stamp);
+
+    impl<'de> Deserialize<'de> for PosixV2 {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            Ok(PosixV2(read(d, 48)?.posix()))
+        }
+    }
+
+    /// The schema-2 encoder, kept for tests that make indexes as the release before wrote them.
+    #[cfg(test)]
+    impl Serialize for PosixV2 {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut o = Out::<49>::new();
+            o.posix(&self.0);
+            s.serialize_bytes(&o.0[..48])
         }
     }
 
@@ -506,10 +648,9 @@ mod fixed {
     mod tests {
         use crate::entry::*;
 
-        #[test]
-        fn entries_round_trip_through_postcard() {
+        fn entry(fp: Stamp) -> Entry {
             let t = |sec, nsec| Time { sec, nsec };
-            let e = Entry {
+            Entry {
                 content: Content::File {
                     size: u64::MAX,
                     hash: Some([7; 32]),
@@ -520,20 +661,71 @@ mod fixed {
                     uid: u32::MAX,
                     gid: 3,
                 },
-                fp: Fingerprint {
+                fp,
+                seen: t(1_800_000_000, 5),
+                link: Some(RelPath::from_bytes(b"a/b").unwrap()),
+            }
+        }
+
+        fn every_variant() -> [Stamp; 3] {
+            let t = |sec, nsec| Time { sec, nsec };
+            [
+                Stamp::Posix {
                     size: 1 << 40,
                     mtime: t(i64::MIN, 1),
                     ctime: t(i64::MAX, 2),
                     ino: 9,
                     dev: u64::MAX,
                 },
-                seen: t(1_800_000_000, 5),
-                link: Some(RelPath::from_bytes(b"a/b").unwrap()),
-            };
-            let bytes = postcard::to_stdvec(&e).unwrap();
-            assert_eq!(postcard::from_bytes::<Entry>(&bytes).unwrap(), e);
-            let cut = &bytes[..bytes.len() - 5];
-            assert!(postcard::from_bytes::<Entry>(cut).is_err());
+                Stamp::Seconds {
+                    size: u64::MAX,
+                    mtime: -1,
+                },
+                Stamp::Object {
+                    size: 3,
+                    etag: [0xa5; 32],
+                },
+            ]
+        }
+
+        #[test]
+        fn entries_round_trip_through_postcard_for_every_stamp_variant() {
+            for fp in every_variant() {
+                let e = entry(fp);
+                let bytes = postcard::to_stdvec(&e).unwrap();
+                assert_eq!(postcard::from_bytes::<Entry>(&bytes).unwrap(), e, "{fp:?}");
+                let cut = &bytes[..bytes.len() - 5];
+                assert!(postcard::from_bytes::<Entry>(cut).is_err(), "{fp:?}");
+            }
+        }
+
+        #[test]
+        fn a_stamp_record_carries_its_variant_and_is_refused_under_another() {
+            let lens: Vec<usize> = every_variant()
+                .iter()
+                .map(|fp| postcard::to_stdvec(fp).unwrap().len())
+                .collect();
+            // A one-byte length prefix, the tag, then the fields.
+            assert_eq!(lens, [1 + 49, 1 + 17, 1 + 41]);
+            let mut posix = postcard::to_stdvec(&every_variant()[0]).unwrap();
+            posix[1] = 2; // tagged as an object stamp, with a POSIX stamp's length
+            assert!(postcard::from_bytes::<Stamp>(&posix).is_err());
+            posix[1] = 9;
+            assert!(
+                postcard::from_bytes::<Stamp>(&posix).is_err(),
+                "unknown tag"
+            );
+        }
+
+        #[test]
+        fn a_schema_2_stamp_reads_as_the_same_posix_stamp() {
+            let fp = every_variant()[0];
+            let v2 = postcard::to_stdvec(&PosixV2(fp)).unwrap();
+            assert_eq!(v2.len(), 1 + 48);
+            assert_eq!(postcard::from_bytes::<PosixV2>(&v2).unwrap(), PosixV2(fp));
+            assert!(postcard::from_bytes::<Stamp>(&v2).is_err(), "untagged");
+            let v3 = postcard::to_stdvec(&fp).unwrap();
+            assert!(postcard::from_bytes::<PosixV2>(&v3).is_err(), "tagged");
         }
     }
 }
@@ -563,8 +755,8 @@ impl fmt::Display for Kind {
 pub struct Entry {
     pub content: Content,
     pub meta: Meta,
-    /// The stat fingerprint of the node the content was read from.
-    pub fp: Fingerprint,
+    /// The stamp of the node the content was read from.
+    pub fp: Stamp,
     /// When `fp` was taken, before the content was read; decides whether the entry is racily
     /// clean (see [`Entry::is_racy`]).
     pub seen: Time,
@@ -573,7 +765,7 @@ pub struct Entry {
     pub link: Option<RelPath>,
 }
 
-/// How close to the moment it was read a node may have changed and still keep its fingerprint on
+/// How close to the moment it was read a node may have changed and still keep its stamp on
 /// the next change, on filesystems with nanosecond timestamps that follow the kernel's coarse
 /// clock (ext4, tmpfs, xfs, btrfs): one clock tick is at most 10 ms.
 pub const RACY_WINDOW_FINE_NS: i128 = 20_000_000;
@@ -611,9 +803,11 @@ impl Entry {
     /// True when the node changed less than `window_ns` before `seen`, so that a later change
     /// within the same timestamp tick would leave `fp` as it is (git's racy-git problem); such a
     /// hash must not be reused.
+    /// An object stamp is never racy: its ETag changes with every write.
     pub fn is_racy(&self, window_ns: i128) -> bool {
-        let changed = self.fp.mtime.as_nanos().max(self.fp.ctime.as_nanos());
-        changed + window_ns > self.seen.as_nanos()
+        self.fp
+            .changed_ns()
+            .is_some_and(|changed| changed + window_ns > self.seen.as_nanos())
     }
 
     /// Same content, as far as it is known: unknown hashes never compare equal.
@@ -703,7 +897,7 @@ mod tests {
     }
 
     #[test]
-    fn racy_entries_are_those_changed_within_the_window_before_they_were_read() {
+    fn racy_entries_are_those_changed_within_the_window_before_they_were_read_for_each_stamp() {
         let at = |sec: i64, nsec: u32| Time { sec, nsec };
         let mut e = Entry {
             content: Content::File {
@@ -711,10 +905,12 @@ mod tests {
                 hash: Some([0; 32]),
             },
             meta: Meta::default(),
-            fp: Fingerprint {
+            fp: Stamp::Posix {
+                size: 1,
                 mtime: at(100, 0),
                 ctime: at(100, 0),
-                ..Fingerprint::default()
+                ino: 1,
+                dev: 1,
             },
             seen: at(100, 5_000_000),
             link: None,
@@ -723,8 +919,29 @@ mod tests {
         e.seen = at(100, 30_000_000);
         assert!(!e.is_racy(RACY_WINDOW_FINE_NS), "read 30 ms after");
         assert!(e.is_racy(RACY_WINDOW_NS), "but within two seconds");
-        e.fp.ctime = at(100, 29_000_000);
+        if let Stamp::Posix { ctime, .. } = &mut e.fp {
+            *ctime = at(100, 29_000_000);
+        }
         assert!(e.is_racy(RACY_WINDOW_FINE_NS), "a ctime change counts too");
+        e.fp = Stamp::Seconds {
+            size: 1,
+            mtime: 100,
+        };
+        assert!(
+            e.is_racy(RACY_WINDOW_NS),
+            "whole seconds: within two seconds"
+        );
+        e.seen = at(103, 0);
+        assert!(!e.is_racy(RACY_WINDOW_NS), "three seconds after");
+        e.seen = at(0, 0);
+        e.fp = Stamp::Object {
+            size: 1,
+            etag: [1; 32],
+        };
+        assert!(
+            !e.is_racy(RACY_WINDOW_NS),
+            "an ETag changes with every write"
+        );
     }
 
     #[test]

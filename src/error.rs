@@ -43,6 +43,18 @@ pub enum Error {
     IndexDamaged { path: PathBuf, why: String },
 
     #[error(
+        "the index {path} was written by a newer dirsync (index schema {found}; this one reads \
+         schemas {oldest} to {known}); run that dirsync, or rebuild the index for this one with \
+         `dirsync sync --reindex SRC DST`"
+    )]
+    IndexTooNew {
+        path: PathBuf,
+        found: u32,
+        oldest: u32,
+        known: u32,
+    },
+
+    #[error(
         "the index {path} was not closed cleanly (a run was killed, got a second signal, or \
          ran out of disk space for it) and needs a repair, which only a writer can make; the \
          next `dirsync sync` makes it"

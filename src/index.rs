@@ -8,9 +8,22 @@
 //!   [`FS_TRAITS`] -> what the replica's filesystem keeps (timestamp grain, case), probed by the
 //!   first sync; an index without it gets it then.
 //! - `source`: relative path -> postcard [`Entry`]: the source tree as last scanned, a cache of
-//!   hashes keyed by stat fingerprint.
+//!   hashes keyed by the backend's [`Stamp`](crate::entry::Stamp).
 //! - `replica`: relative path -> postcard [`Entry`]: what the replica holds, as last written or
-//!   verified by dirsync, with the replica node's own fingerprint.
+//!   verified by dirsync, with the replica node's own stamp.
+//!
+//! In an [`Entry`] value, time, metadata and hashes are fixed-width byte strings, and the stamp
+//! is one byte string led by its variant's tag (0 POSIX: size, mtime, ctime, inode, device;
+//! 1 seconds: size, mtime; 2 object: size, ETag hash), so decoding a record stays a handful of
+//! length checks (a no-op pass reads every record).
+//!
+//! Schema history: 2 stored the stamp as the untagged POSIX fields (48 bytes). A writer
+//! ([`Index::open`]) migrates a schema-2 index when it opens it: every record is rewritten with
+//! the same values as a `Stamp::Posix`, in the one write transaction that sets the schema to 3,
+//! so the migration happens whole or not at all and rehashes nothing. A reader ([`ReadIndex`],
+//! `status`) never writes: it decodes schema-2 records as they are. A schema newer than
+//! [`SCHEMA`] is refused ([`Error::IndexTooNew`]); one older than [`OLDEST_SCHEMA`] reads as
+//! damaged, and `--reindex` rebuilds it.
 //!
 //! Keys are [`RelPath`] bytes, so redb's order is the canonical order. Every value read back is
 //! validated (path and encoding) before use; an index that fails validation is reported as
@@ -27,9 +40,14 @@ use redb::{
 
 use crate::entry::{Entry, Hash, RelPath};
 use crate::error::{Error, Result};
+use std::ops::Bound;
 
 /// Version of the table layout and value encoding.
-pub const SCHEMA: u32 = 2;
+pub const SCHEMA: u32 = 3;
+
+/// The oldest schema this dirsync reads: a writer migrates it to [`SCHEMA`] when it opens it,
+/// a reader decodes it as it is.
+pub const OLDEST_SCHEMA: u32 = 2;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const SOURCE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("source");
@@ -265,7 +283,7 @@ impl Index {
             if !index.has_schema()? {
                 return Ok(None);
             }
-            // With a schema in place, this only reads.
+            // With a schema in place, this only reads (or migrates an older schema).
             index.init(roots, false)?;
             Ok(Some(index))
         })
@@ -283,13 +301,14 @@ impl Index {
     }
 
     /// Checks what the file holds against the roots and, for a new file or with `reset`, makes
-    /// it an empty index of these roots. An index in use is only read here unless its replica
-    /// was never recorded (then it is recorded now): opening it writes nothing, so a full disk
-    /// under the index does not stop a sync before it starts.
+    /// it an empty index of these roots. An index of an older schema is migrated, in the same
+    /// transaction that sets the new schema. An index in use is otherwise only read here unless
+    /// its replica was never recorded (then it is recorded now): opening it writes nothing, so a
+    /// full disk under the index does not stop a sync before it starts.
     fn init(&self, roots: &Roots, reset: bool) -> Result<()> {
         let p = &self.path;
         let tx = self.db.begin_write().map_err(|e| ierr(p, e))?;
-        let (fresh, replica_known) = {
+        let (fresh, replica_known, migrate) = {
             let meta = tx.open_table(META).map_err(|e| ierr(p, e))?;
             let schema = meta.get("schema").map_err(|e| ierr(p, e))?;
             let fresh = schema.is_none();
@@ -303,28 +322,31 @@ impl Index {
                     return Err(Error::NotAnIndex { path: p.clone() });
                 }
             }
-            if let Some(v) = schema {
-                let v = v.value();
-                let version = <[u8; 4]>::try_from(v).map(u32::from_le_bytes).ok();
-                if version != Some(SCHEMA) && !reset {
-                    return Err(damaged(
-                        p,
-                        format!(
-                            "it was written with index schema {version:?}, this dirsync uses {SCHEMA}"
-                        ),
-                    ));
-                }
-            }
+            let version = match (&schema, reset) {
+                (Some(v), false) => Some(readable_schema(p, v.value())?),
+                _ => None,
+            };
             let recorded = meta.get("replica").map_err(|e| ierr(p, e))?;
             let recorded = recorded.map(|v| v.value().to_vec());
             if !fresh && !reset {
                 check_replica(p, recorded.as_deref(), roots.replica)?;
             }
-            (fresh, recorded.is_some())
+            (
+                fresh,
+                recorded.is_some(),
+                version.is_some_and(|v| v < SCHEMA),
+            )
         };
-        if !fresh && !reset && replica_known {
+        if !fresh && !reset && replica_known && !migrate {
             tx.abort().map_err(|e| ierr(p, e))?;
             return Ok(());
+        }
+        if migrate {
+            let n = migrate_records(p, &tx)?;
+            log::info!(
+                "index {} migrated to schema {SCHEMA} ({n} records, nothing rehashed)",
+                p.display()
+            );
         }
         if reset {
             for t in [SOURCE, REPLICA] {
@@ -434,6 +456,7 @@ impl Index {
                 path: self.path.clone(),
                 tx: Some(tx),
                 source_cached: true,
+                schema: SCHEMA,
             })
         })
     }
@@ -535,9 +558,14 @@ fn encode(e: &Entry) -> Vec<u8> {
     postcard::to_stdvec(e).expect("entries always encode")
 }
 
-/// Decodes one recorded value, validating the path it may name (its hard-link leader).
-fn decode(path: &Path, key: &[u8], value: &[u8]) -> Result<Entry> {
-    let entry: Entry = postcard::from_bytes(value)
+/// Decodes one recorded value written with index schema `schema` (one this dirsync reads),
+/// validating the path it may name (its hard-link leader).
+fn decode(path: &Path, key: &[u8], value: &[u8], schema: u32) -> Result<Entry> {
+    let decoded = match schema {
+        SCHEMA => postcard::from_bytes::<Entry>(value),
+        _ => postcard::from_bytes::<v2::Entry>(value).map(Entry::from),
+    };
+    let entry = decoded
         .map_err(|e| damaged(path, format!("entry {}: {e}", String::from_utf8_lossy(key))))?;
     if let Some(l) = &entry.link {
         RelPath::from_bytes(l.as_bytes()).map_err(|e| damaged(path, e))?;
@@ -555,14 +583,108 @@ fn load_from(path: &Path, tx: &ReadTransaction, table: Table) -> Result<Vec<(Rel
     for item in tbl.iter().map_err(|e| ierr(path, e))? {
         let (k, v) = item.map_err(|e| ierr(path, e))?;
         let rel = RelPath::from_bytes(k.value()).map_err(|e| damaged(path, e))?;
-        let entry = decode(path, k.value(), v.value())?;
+        let entry = decode(path, k.value(), v.value(), SCHEMA)?;
         out.push((rel, entry));
     }
     Ok(out)
 }
 
-/// Refuses an index recorded for another replica. An index from before replicas were checked
-/// has none recorded, and is taken as this replica's.
+/// The schema recorded in `meta` as `raw`, if this dirsync reads it. A newer one is refused
+/// as such; an older one than [`OLDEST_SCHEMA`] is unreadable (a rebuild makes a new one).
+fn readable_schema(path: &Path, raw: &[u8]) -> Result<u32> {
+    let version = <[u8; 4]>::try_from(raw).map(u32::from_le_bytes).ok();
+    match version {
+        Some(v @ OLDEST_SCHEMA..=SCHEMA) => Ok(v),
+        Some(found) if found > SCHEMA => Err(Error::IndexTooNew {
+            path: path.to_path_buf(),
+            found,
+            oldest: OLDEST_SCHEMA,
+            known: SCHEMA,
+        }),
+        _ => Err(damaged(
+            path,
+            format!(
+                "it was written with index schema {}, older than any this dirsync reads \
+                 ({OLDEST_SCHEMA} to {SCHEMA})",
+                version.map_or("?".to_string(), |v| v.to_string())
+            ),
+        )),
+    }
+}
+
+/// Rewrites every record of an index of an older schema in the encoding of [`SCHEMA`], inside
+/// the caller's write transaction, so that the migration commits whole with the new schema or
+/// not at all. A schema-2 stamp becomes `Stamp::Posix` with the same values: every hash stays
+/// valid, nothing is read again. Returns the number of records rewritten.
+fn migrate_records(path: &Path, tx: &redb::WriteTransaction) -> Result<u64> {
+    let mut n = 0;
+    for t in [SOURCE, REPLICA] {
+        let mut tbl = tx.open_table(t).map_err(|e| ierr(path, e))?;
+        n += migrate_table(path, &mut tbl)?;
+    }
+    Ok(n)
+}
+
+/// [`migrate_records`] for one table, in batches of keys: memory stays bounded however many
+/// records the table holds.
+fn migrate_table(path: &Path, tbl: &mut redb::Table<&[u8], &[u8]>) -> Result<u64> {
+    const BATCH: usize = 4096;
+    let mut after: Option<Vec<u8>> = None;
+    let mut n = 0;
+    loop {
+        let mut batch = Vec::with_capacity(BATCH);
+        {
+            let from = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+            let range = tbl
+                .range::<&[u8]>((from, Bound::Unbounded))
+                .map_err(|e| ierr(path, e))?;
+            for item in range.take(BATCH) {
+                let (k, v) = item.map_err(|e| ierr(path, e))?;
+                RelPath::from_bytes(k.value()).map_err(|e| damaged(path, e))?;
+                let entry = decode(path, k.value(), v.value(), OLDEST_SCHEMA)?;
+                batch.push((k.value().to_vec(), encode(&entry)));
+            }
+        }
+        for (k, v) in &batch {
+            tbl.insert(&k[..], &v[..]).map_err(|e| ierr(path, e))?;
+        }
+        n += batch.len() as u64;
+        if batch.len() < BATCH {
+            return Ok(n);
+        }
+        after = batch.pop().map(|(k, _)| k);
+    }
+}
+
+/// The value encoding of index schema 2: an [`Entry`] whose stamp is an untagged POSIX record
+/// ([`crate::entry::PosixV2`]); everything else is encoded as in the current schema.
+mod v2 {
+    use crate::entry::{Content, Meta, PosixV2, RelPath, Time};
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub struct Entry {
+        pub content: Content,
+        pub meta: Meta,
+        pub fp: PosixV2,
+        pub seen: Time,
+        pub link: Option<RelPath>,
+    }
+
+    impl From<Entry> for crate::entry::Entry {
+        fn from(e: Entry) -> Self {
+            crate::entry::Entry {
+                content: e.content,
+                meta: e.meta,
+                fp: e.fp.0,
+                seen: e.seen,
+                link: e.link,
+            }
+        }
+    }
+}
+
 /// The `meta` key under which what the replica's filesystem keeps is recorded (the encoding of
 /// `replica::probe::FsTraits`), once, the first time a sync writes to the replica.
 pub const FS_TRAITS: &str = "replica_fs";
@@ -577,6 +699,8 @@ fn read_meta(path: &Path, tx: &ReadTransaction, key: &str) -> Result<Option<Vec<
     Ok(v.map(|v| v.value().to_vec()))
 }
 
+/// Refuses an index recorded for another replica. An index from before replicas were checked
+/// has none recorded, and is taken as this replica's.
 fn check_replica(path: &Path, recorded: Option<&[u8]>, replica: &Path) -> Result<()> {
     match recorded {
         Some(r) if r != replica.as_os_str().as_encoded_bytes() => Err(Error::IndexMismatch {
@@ -588,10 +712,16 @@ fn check_replica(path: &Path, recorded: Option<&[u8]>, replica: &Path) -> Result
     }
 }
 
-/// Checks a read-only index's schema and replica, as `Index::init` does for a writer. Returns
-/// whether its `source` table is a hash cache of this source (a sync would clear it, see
-/// [`Index::adopt_source`]).
-fn check_read_only(path: &Path, db: &redb::ReadOnlyDatabase, roots: &Roots) -> Result<bool> {
+/// What a read-only opener learns of an index: whether its `source` table is a hash cache of
+/// this source (a sync would clear it, see [`Index::adopt_source`]), and the schema its records
+/// are encoded in (an older one is read as it is: a reader never migrates).
+struct Checked {
+    source_cached: bool,
+    schema: u32,
+}
+
+/// Checks a read-only index's schema and replica, as `Index::init` does for a writer.
+fn check_read_only(path: &Path, db: &redb::ReadOnlyDatabase, roots: &Roots) -> Result<Checked> {
     let tx = db.begin_read().map_err(|e| ierr(path, e))?;
     let meta = match tx.open_table(META) {
         Ok(m) => m,
@@ -602,18 +732,27 @@ fn check_read_only(path: &Path, db: &redb::ReadOnlyDatabase, roots: &Roots) -> R
                     path: path.to_path_buf(),
                 });
             }
-            return Ok(true);
+            return Ok(Checked {
+                source_cached: true,
+                schema: SCHEMA,
+            });
         }
         Err(e) => return Err(ierr(path, e)),
     };
     let schema = meta.get("schema").map_err(|e| ierr(path, e))?;
-    if schema.map(|v| v.value().to_vec()) != Some(SCHEMA.to_le_bytes().to_vec()) {
-        return Err(damaged(path, "it was written with another index schema"));
-    }
+    let schema = match schema {
+        Some(v) => readable_schema(path, v.value())?,
+        None => return Err(damaged(path, "it records no index schema")),
+    };
     let replica = meta.get("replica").map_err(|e| ierr(path, e))?;
     check_replica(path, replica.as_ref().map(|v| v.value()), roots.replica)?;
     let source = meta.get("source").map_err(|e| ierr(path, e))?;
-    Ok(source.is_some_and(|v| v.value() == roots.source.as_os_str().as_encoded_bytes()))
+    let source_cached =
+        source.is_some_and(|v| v.value() == roots.source.as_os_str().as_encoded_bytes());
+    Ok(Checked {
+        source_cached,
+        schema,
+    })
 }
 
 /// A read-only view of an index, for commands that must not write (`status`). A missing index
@@ -623,6 +762,8 @@ pub struct ReadIndex {
     db: Option<redb::ReadOnlyDatabase>,
     /// False when the index was made with another source: its `source` table is not read.
     source_cached: bool,
+    /// The schema of its records: [`SCHEMA`], or an older one read as it is.
+    schema: u32,
 }
 
 impl ReadIndex {
@@ -644,11 +785,12 @@ impl ReadIndex {
                 },
                 other => ierr(path, other),
             })?;
-            let source_cached = check_read_only(path, &db, roots)?;
+            let checked = check_read_only(path, &db, roots)?;
             Ok(ReadIndex {
                 path: path.to_path_buf(),
                 db: Some(db),
-                source_cached,
+                source_cached: checked.source_cached,
+                schema: checked.schema,
             })
         })
     }
@@ -659,6 +801,7 @@ impl ReadIndex {
             path: path.to_path_buf(),
             db: None,
             source_cached: true,
+            schema: SCHEMA,
         }
     }
 
@@ -711,6 +854,7 @@ impl ReadIndex {
             path: self.path.clone(),
             tx,
             source_cached: self.source_cached,
+            schema: self.schema,
         })
     }
 }
@@ -721,6 +865,8 @@ pub struct Snapshot {
     tx: Option<ReadTransaction>,
     /// False when the `source` table belongs to another source and reads as empty.
     source_cached: bool,
+    /// The schema the records are encoded in.
+    schema: u32,
 }
 
 type Records = redb::Range<'static, &'static [u8], &'static [u8]>;
@@ -750,6 +896,7 @@ impl Snapshot {
             path: self.path.clone(),
             records: self.records(table)?,
             peeked: None,
+            schema: self.schema,
         })
     }
 
@@ -776,6 +923,7 @@ pub struct Cursor {
     path: PathBuf,
     records: Option<Records>,
     peeked: Option<Record>,
+    schema: u32,
 }
 
 type Record = (
@@ -801,7 +949,7 @@ impl Cursor {
     fn decode(&self, (k, v): &Record) -> Result<(RelPath, Entry)> {
         let key = k.value();
         let rel = RelPath::from_bytes(key).map_err(|e| damaged(&self.path, e))?;
-        Ok((rel, decode(&self.path, key, v.value())?))
+        Ok((rel, decode(&self.path, key, v.value(), self.schema)?))
     }
 
     /// Moves the cursor past `path`: hands each record before it to `passed` (paths the walk
@@ -819,7 +967,12 @@ impl Cursor {
                     passed(p, e);
                 }
                 std::cmp::Ordering::Equal => {
-                    return Ok(Some(decode(&self.path, r.0.value(), r.1.value())?));
+                    return Ok(Some(decode(
+                        &self.path,
+                        r.0.value(),
+                        r.1.value(),
+                        self.schema,
+                    )?));
                 }
                 std::cmp::Ordering::Greater => {
                     self.peeked = Some(r);
@@ -844,6 +997,7 @@ impl Cursor {
 mod tests {
     use super::*;
     use crate::diff::tests::{file, p};
+    use crate::entry::{Stamp, Time};
 
     fn roots<'a>(source: &'a Path, replica: &'a Path) -> Roots<'a> {
         Roots { source, replica }
@@ -865,6 +1019,188 @@ mod tests {
         let tx = index.db.begin_read().unwrap();
         let meta = tx.open_table(META).unwrap();
         meta.get(key).unwrap().map(|v| v.value().to_vec())
+    }
+
+    fn stamped(path: &str, fp: Stamp) -> Update {
+        let mut e = file(path, 1);
+        e.fp = fp;
+        if path == "b" {
+            e.link = Some(p("a"));
+        }
+        Update::Put(Table::Source, p(path), e)
+    }
+
+    /// One entry of each stamp variant, in the `source` table, besides [`made`]'s records.
+    fn with_every_stamp(index: &Index) {
+        let t = |sec, nsec| Time { sec, nsec };
+        index
+            .commit(&[
+                stamped(
+                    "b",
+                    Stamp::Posix {
+                        size: 1,
+                        mtime: t(5, 6),
+                        ctime: t(7, 8),
+                        ino: 9,
+                        dev: 10,
+                    },
+                ),
+                stamped("c", Stamp::Seconds { size: 2, mtime: 3 }),
+                stamped(
+                    "d",
+                    Stamp::Object {
+                        size: 4,
+                        etag: [5; 32],
+                    },
+                ),
+            ])
+            .unwrap();
+    }
+
+    #[test]
+    fn entries_round_trip_through_the_index_for_every_stamp_variant() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("i.redb");
+        let index = made(&path);
+        with_every_stamp(&index);
+        let loaded = index.load(Table::Source).unwrap();
+        let stamps: Vec<Stamp> = loaded.iter().map(|(_, e)| e.fp).collect();
+        assert!(matches!(stamps[1], Stamp::Posix { ino: 9, .. }));
+        assert_eq!(stamps[2], Stamp::Seconds { size: 2, mtime: 3 });
+        assert!(matches!(stamps[3], Stamp::Object { size: 4, .. }));
+        drop(index);
+        let r = roots(Path::new("/s"), Path::new("/r"));
+        let read = ReadIndex::open(&path, &r).unwrap();
+        assert_eq!(read.load(Table::Source).unwrap(), loaded);
+    }
+
+    /// Rewrites the index at `path` as the release of schema 2 wrote it: every record in the
+    /// schema-2 encoding, and `"schema"` = 2. Every stamp must be POSIX (schema 2 had no other).
+    fn downgrade_to_v2(index: Index) {
+        let tx = index.db.begin_write().unwrap();
+        for t in [SOURCE, REPLICA] {
+            let mut tbl = tx.open_table(t).unwrap();
+            let records: Vec<(Vec<u8>, Entry)> = tbl
+                .iter()
+                .unwrap()
+                .map(|r| {
+                    let (k, v) = r.unwrap();
+                    let e = postcard::from_bytes::<Entry>(v.value()).unwrap();
+                    (k.value().to_vec(), e)
+                })
+                .collect();
+            for (k, e) in records {
+                assert!(e.fp.node().is_some(), "schema 2 has only POSIX stamps");
+                let old = v2::Entry {
+                    content: e.content,
+                    meta: e.meta,
+                    fp: crate::entry::PosixV2(e.fp),
+                    seen: e.seen,
+                    link: e.link,
+                };
+                let v = postcard::to_stdvec(&old).unwrap();
+                tbl.insert(&k[..], &v[..]).unwrap();
+            }
+        }
+        let mut meta = tx.open_table(META).unwrap();
+        meta.insert("schema", &2u32.to_le_bytes()[..]).unwrap();
+        drop(meta);
+        tx.commit().unwrap();
+    }
+
+    #[test]
+    fn a_schema_2_index_is_read_as_it_is_and_migrated_by_a_writer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("i.redb");
+        let index = made(&path);
+        index
+            .commit(&[stamped(
+                "b",
+                Stamp::Posix {
+                    size: 3,
+                    mtime: Time { sec: 1, nsec: 2 },
+                    ctime: Time { sec: 3, nsec: 4 },
+                    ino: 5,
+                    dev: 6,
+                },
+            )])
+            .unwrap();
+        let want = (
+            index.load(Table::Source).unwrap(),
+            index.load(Table::Replica).unwrap(),
+        );
+        downgrade_to_v2(index);
+        let r = roots(Path::new("/s"), Path::new("/r"));
+        // Strict decoding: the schema-2 records do not read as schema 3.
+        {
+            let raw = builder().create(&path).unwrap();
+            let tx = raw.begin_read().unwrap();
+            let tbl = tx.open_table(SOURCE).unwrap();
+            let v = tbl.get(&b"b"[..]).unwrap().unwrap();
+            assert!(decode(&path, b"b", v.value(), SCHEMA).is_err());
+            assert!(decode(&path, b"b", v.value(), 2).is_ok());
+        }
+        let read = ReadIndex::open(&path, &r).unwrap();
+        assert_eq!(
+            read.load(Table::Source).unwrap(),
+            want.0,
+            "a reader decodes v2"
+        );
+        assert_eq!(read.load(Table::Replica).unwrap(), want.1);
+        drop(read);
+        let index = Index::open(&path, &r, false).unwrap();
+        assert_eq!(
+            meta_row(&index, "schema"),
+            Some(SCHEMA.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            index.load(Table::Source).unwrap(),
+            want.0,
+            "migrated as it was"
+        );
+        assert_eq!(index.load(Table::Replica).unwrap(), want.1);
+        drop(index);
+        let again = Index::open(&path, &r, false).unwrap();
+        assert_eq!(again.load(Table::Source).unwrap(), want.0, "reopened");
+    }
+
+    #[test]
+    fn a_migration_of_many_records_rewrites_every_batch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("i.redb");
+        let index = made(&path);
+        let many: Vec<Update> = (0..10_000)
+            .map(|i| Update::Put(Table::Replica, p(&format!("f{i:05}")), file("x", i)))
+            .collect();
+        index.commit(&many).unwrap();
+        let want = index.load(Table::Replica).unwrap();
+        downgrade_to_v2(index);
+        let index = Index::open(&path, &roots(Path::new("/s"), Path::new("/r")), false).unwrap();
+        assert_eq!(index.load(Table::Replica).unwrap(), want);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_and_left_as_it_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("i.redb");
+        let index = made(&path);
+        index.set_meta_value("schema", &4u32.to_le_bytes()).unwrap();
+        drop(index);
+        let r = roots(Path::new("/s"), Path::new("/r"));
+        let too_new = |e: Error| {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("newer dirsync") && msg.contains("schema 4"),
+                "{msg}"
+            );
+            matches!(e, Error::IndexTooNew { found: 4, .. })
+        };
+        assert!(too_new(Index::open(&path, &r, false).err().unwrap()));
+        assert!(too_new(ReadIndex::open(&path, &r).err().unwrap()));
+        let raw = builder().create(&path).unwrap();
+        let tx = raw.begin_read().unwrap();
+        let schema = tx.open_table(META).unwrap().get("schema").unwrap().unwrap();
+        assert_eq!(schema.value(), 4u32.to_le_bytes(), "untouched");
     }
 
     #[test]

@@ -1,11 +1,11 @@
-//! Walks one tree (the source or the replica): every path with its kind, metadata, stat
-//! fingerprint and, where it is needed, its content hash, handed on in canonical order as it is
+//! Walks one tree (the source or the replica): every path with its kind, metadata, stamp
+//! ([`Stamp`]) and, where it is needed, its content hash, handed on in canonical order as it is
 //! found ([`walk_with`]) or collected into a [`Tree`] ([`walk`]).
 //!
 //! Invariants:
 //! - Symlinks are never followed; the walk stays on the tree it was given.
-//! - A cached hash is reused only when the whole fingerprint (size, mtime, ctime, inode, device)
-//!   matches and the cached entry is not racily clean ([`Entry::is_racy`]).
+//! - A cached hash is reused only when the whole stamp (for POSIX: size, mtime, ctime, inode,
+//!   device) matches and the cached entry is not racily clean ([`Entry::is_racy`]).
 //! - A hash is computed from bytes read between two `fstat`s that agree ([`StableRead`], the one
 //!   stable-read protocol, which copies from the source use too); a file that changes while it
 //!   is read gets no hash (`None`), so it can never be recorded as synced.
@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 
-use crate::entry::{Content, Entry, Fingerprint, Meta, RelPath, Time};
+use crate::entry::{Content, Entry, Meta, RelPath, Stamp, Time};
 use crate::hash;
 
 /// Which tree is scanned: the source skips special files with a warning, the replica lists
@@ -232,8 +232,8 @@ impl Windows {
     pub fn for_entry(&self, e: &Entry) -> i128 {
         // Whole-second stamps (ext4 with 128-byte inodes says EXT4 too) are coarse whatever the
         // filesystem type: a fine clock gives both zero nanoseconds once in a billion.
-        let coarse = e.fp.mtime.nsec == 0 && e.fp.ctime.nsec == 0;
-        if e.fp.dev == self.root_dev && !coarse {
+        let on_root = e.fp.node().is_some_and(|(dev, _)| dev == self.root_dev);
+        if on_root && e.fp.has_fine_times() {
             self.root_ns
         } else {
             crate::entry::RACY_WINDOW_NS
@@ -242,7 +242,7 @@ impl Windows {
 }
 
 /// Takes the hash from the entry the index recorded for the same path, if it is still valid:
-/// same fingerprint, and not racily clean under `window_ns`. Returns whether the record is still
+/// same stamp, and not racily clean under `window_ns`. Returns whether the record is still
 /// worth keeping (false once the path is no longer a file).
 pub fn reuse_cached(e: &mut Entry, cached: &Entry, window_ns: i128) -> bool {
     if !matches!(e.content, Content::File { .. }) {
@@ -261,15 +261,16 @@ pub fn reuse_cached(e: &mut Entry, cached: &Entry, window_ns: i128) -> bool {
 }
 
 /// Gives files that have no valid hash under their path the hash recorded for the same inode
-/// under a path that is gone, when the whole fingerprint still matches: the files of a renamed
-/// directory keep inode, size, mtime and ctime, so they need not be read again. Returns the
+/// under a path that is gone, when the whole stamp still matches: the files of a renamed
+/// directory keep inode, size, mtime and ctime, so they need not be read again. Only stamps
+/// with a node (`Stamp::node`, a backend with inodes) take part. Returns the
 /// entries that got a hash this way, to be recorded under their new paths.
 pub fn reuse_by_inode(tree: &mut Tree, stale: &[(RelPath, Entry)]) -> Vec<(RelPath, Entry)> {
     let windows = tree.windows;
     let by_inode: HashMap<(u64, u64), &Entry> = stale
         .iter()
         .filter(|(_, e)| e.file_hash().is_some())
-        .map(|(_, e)| ((e.fp.dev, e.fp.ino), e))
+        .filter_map(|(_, e)| Some((e.fp.node()?, e)))
         .collect();
     if by_inode.is_empty() {
         return Vec::new();
@@ -277,7 +278,7 @@ pub fn reuse_by_inode(tree: &mut Tree, stale: &[(RelPath, Entry)]) -> Vec<(RelPa
     let mut found = Vec::new();
     for (path, e) in tree.entries.iter_mut() {
         if let Content::File { hash: None, .. } = e.content
-            && let Some(cached) = by_inode.get(&(e.fp.dev, e.fp.ino))
+            && let Some(cached) = e.fp.node().and_then(|n| by_inode.get(&n))
         {
             let window = windows.for_entry(e);
             reuse_cached(e, cached, window);
@@ -354,7 +355,7 @@ impl Walker<'_> {
         let entry = Entry {
             content,
             meta: Meta::of(st),
-            fp: Fingerprint::of(st),
+            fp: Stamp::of(st),
             seen: self.seen,
             link,
         };
@@ -487,9 +488,10 @@ impl Walker<'_> {
             rfs::FileType::RegularFile => {
                 let size = st.st_size as u64;
                 // Entries come in canonical order, so the first path seen leads.
-                let link = match st.st_nlink > 1 {
-                    false => None,
-                    true => match self.leaders.entry((st.st_dev, st.st_ino)) {
+                let node = Stamp::of(st).node().filter(|_| st.st_nlink > 1);
+                let link = match node {
+                    None => None,
+                    Some(node) => match self.leaders.entry(node) {
                         Slot::Occupied(o) => Some(o.get().clone()),
                         Slot::Vacant(v) => {
                             v.insert(child.clone());
@@ -661,8 +663,8 @@ impl StableRead {
         Meta::of_metadata(&self.before)
     }
 
-    pub fn fingerprint(&self) -> Fingerprint {
-        Fingerprint::of_metadata(&self.before)
+    pub fn fingerprint(&self) -> Stamp {
+        Stamp::of_metadata(&self.before)
     }
 
     /// The node that was opened: (device, inode).
@@ -688,7 +690,7 @@ impl StableRead {
     /// the read started.
     pub fn held_still(&self, n: u64) -> io::Result<bool> {
         let after = self.file.metadata()?;
-        Ok(n == self.len() && Fingerprint::of_metadata(&after) == self.fingerprint())
+        Ok(n == self.len() && Stamp::of_metadata(&after) == self.fingerprint())
     }
 }
 

@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use dirsync::entry::{Content, Fingerprint, Kind, Meta, RelPath};
+use dirsync::entry::{Content, Kind, Meta, RelPath, Stamp};
 use dirsync::replica::Replica;
 use dirsync::replica::conformance::{self, Seen, Subject};
 use dirsync::replica::local::LocalReplica;
@@ -112,7 +112,7 @@ impl Subject for Local {
             kind,
             data,
             meta: Meta::of_metadata(&md),
-            fp: Fingerprint::of_metadata(&md),
+            fp: Stamp::of_metadata(&md),
         })
     }
     fn names(&self, dir: &RelPath) -> Vec<Vec<u8>> {

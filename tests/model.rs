@@ -514,7 +514,7 @@ fn memory_diff(src: &Path, mem: &MemoryReplica) -> Vec<String> {
                 mtime_ns: e.meta.mtime.as_nanos(),
                 uid: e.meta.uid,
                 gid: e.meta.gid,
-                ino: e.fp.ino,
+                ino: e.fp.node().map_or(0, |(_, ino)| ino),
             },
         );
     }

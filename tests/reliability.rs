@@ -1536,7 +1536,7 @@ fn racily_clean_cached_hash_is_not_reused() {
     let window = now.windows.for_entry(&fresh);
     assert!(window > 0);
     cached.fp = fresh.fp;
-    let changed = cached.fp.mtime.as_nanos().max(cached.fp.ctime.as_nanos());
+    let changed = cached.fp.changed_ns().expect("a POSIX stamp has times");
     let at = |ns: i128| Time {
         sec: (ns / 1_000_000_000) as i64,
         nsec: (ns % 1_000_000_000) as u32,

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 
 use super::{Check, Replica, TMP_PREFIX, Written};
-use crate::entry::{Fingerprint, Hash, Kind, Meta, RelPath, Time};
+use crate::entry::{Hash, Kind, Meta, RelPath, Stamp, Time};
 use crate::hash;
 
 /// A replica rooted at a directory that exists.
@@ -230,7 +230,7 @@ impl LocalReplica {
         self.commit(&d, &tmp, &name, result)
     }
 
-    fn hard_link_once(&self, leader: &RelPath, path: &RelPath) -> io::Result<Fingerprint> {
+    fn hard_link_once(&self, leader: &RelPath, path: &RelPath) -> io::Result<Stamp> {
         let (ld, lname) = self.parent(leader)?;
         let (d, name) = self.parent(path)?;
         let tmp = loop {
@@ -245,7 +245,7 @@ impl LocalReplica {
         // Renaming onto another link of the same inode succeeds without doing anything.
         let _ = rfs::unlinkat(&d, os(&tmp), AtFlags::empty());
         let st = rfs::statat(&d, os(&name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
-        Ok(Fingerprint::of(&st))
+        Ok(Stamp::of(&st))
     }
 
     /// The directory holding `path`, opened beneath the root without following symlinks.
@@ -486,7 +486,7 @@ impl LocalReplica {
         Ok(Written {
             hash,
             len,
-            fp: Fingerprint::of(&st),
+            fp: Stamp::of(&st),
         })
     }
 
@@ -588,7 +588,7 @@ impl Replica for LocalReplica {
         self.writable(&[path.parent()], || self.symlink_once(path, target, meta))
     }
 
-    fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<Fingerprint> {
+    fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<Stamp> {
         self.writable(&[path.parent()], || self.hard_link_once(leader, path))
     }
 
@@ -623,13 +623,13 @@ impl Replica for LocalReplica {
         rfs::utimensat(&d, os(&name), &times(meta), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)
     }
 
-    fn stat(&self, path: &RelPath) -> io::Result<Fingerprint> {
+    fn stat(&self, path: &RelPath) -> io::Result<Stamp> {
         if path.is_root() {
-            return Ok(Fingerprint::of(&rfs::fstat(&self.root).map_err(io_err)?));
+            return Ok(Stamp::of(&rfs::fstat(&self.root).map_err(io_err)?));
         }
         let (d, name) = self.parent(path)?;
         let st = rfs::statat(&d, os(&name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
-        Ok(Fingerprint::of(&st))
+        Ok(Stamp::of(&st))
     }
 }
 
@@ -718,7 +718,7 @@ mod tests {
         assert_eq!(w.len, data.len() as u64);
         assert_eq!(
             w.fp,
-            Fingerprint::of_metadata(&md),
+            Stamp::of_metadata(&md),
             "fingerprint of the file in place"
         );
     }

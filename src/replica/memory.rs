@@ -22,7 +22,7 @@ use std::sync::{Mutex, MutexGuard};
 use rustix::io::Errno;
 
 use super::{Check, Replica, Written};
-use crate::entry::{Content, Entry, Fingerprint, Hash, Kind, Meta, RelPath, Time};
+use crate::entry::{Content, Entry, Hash, Kind, Meta, RelPath, Stamp, Time};
 use crate::hash;
 
 /// The device number every node of a memory replica reports.
@@ -166,9 +166,9 @@ impl State {
         Ok(())
     }
 
-    fn fingerprint(&self, node: &Node) -> Fingerprint {
+    fn fingerprint(&self, node: &Node) -> Stamp {
         match node {
-            Node::Dir { meta, ino, ctime } => Fingerprint {
+            Node::Dir { meta, ino, ctime } => Stamp::Posix {
                 size: 0,
                 mtime: meta.mtime,
                 ctime: *ctime,
@@ -177,7 +177,7 @@ impl State {
             },
             Node::File { ino } => {
                 let f = &self.files[ino];
-                Fingerprint {
+                Stamp::Posix {
                     size: f.data.len() as u64,
                     mtime: f.meta.mtime,
                     ctime: f.ctime,
@@ -190,7 +190,7 @@ impl State {
                 meta,
                 ino,
                 ctime,
-            } => Fingerprint {
+            } => Stamp::Posix {
                 size: target.len() as u64,
                 mtime: meta.mtime,
                 ctime: *ctime,
@@ -519,7 +519,7 @@ impl Replica for MemoryReplica {
         st.install(path, node)
     }
 
-    fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<Fingerprint> {
+    fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<Stamp> {
         self.link_node(leader, path)?;
         self.stat_node(path)
     }
@@ -528,7 +528,7 @@ impl Replica for MemoryReplica {
         self.set_node_meta(path, kind, meta)
     }
 
-    fn stat(&self, path: &RelPath) -> io::Result<Fingerprint> {
+    fn stat(&self, path: &RelPath) -> io::Result<Stamp> {
         self.stat_node(path)
     }
 }
@@ -598,7 +598,7 @@ impl MemoryReplica {
         Ok(())
     }
 
-    fn stat_node(&self, path: &RelPath) -> io::Result<Fingerprint> {
+    fn stat_node(&self, path: &RelPath) -> io::Result<Stamp> {
         let st = self.lock();
         st.check_parent(path)?;
         let node = st.nodes.get(path).ok_or_else(|| err(Errno::NOENT))?;

@@ -21,7 +21,7 @@ pub mod root;
 
 use std::io::{self, Read};
 
-use crate::entry::{Fingerprint, Hash, Kind, Meta, RelPath};
+use crate::entry::{Hash, Kind, Meta, RelPath, Stamp};
 
 /// Name prefix of every temporary node dirsync creates inside the replica: staged moves, files
 /// being built, the filesystem probe. Such a name at the replica root is always kept in the
@@ -32,12 +32,12 @@ pub const TMP_PREFIX: &str = ".dirsync-tmp-";
 /// the operation and leaves the old node where it was.
 pub type Check<'a> = &'a mut dyn FnMut(&Hash, u64) -> io::Result<()>;
 
-/// A file put in place: the hash and length of its bytes, and its fingerprint.
+/// A file put in place: the hash and length of its bytes, and its stamp.
 #[derive(Clone, Copy, Debug)]
 pub struct Written {
     pub hash: Hash,
     pub len: u64,
-    pub fp: Fingerprint,
+    pub fp: Stamp,
 }
 
 pub trait Replica: Sync {
@@ -53,8 +53,7 @@ pub trait Replica: Sync {
     fn remove(&self, path: &RelPath, kind: Kind) -> io::Result<()>;
     fn mkdir(&self, path: &RelPath) -> io::Result<()>;
     /// Writes `data` to a new file at `path`, hashing it on the way; `check` sees the hash and
-    /// length before the file is put in place. Returns both, and the fingerprint of the file in
-    /// place.
+    /// length before the file is put in place. Returns both, and the stamp of the file in place.
     fn write_file(
         &self,
         path: &RelPath,
@@ -74,9 +73,9 @@ pub trait Replica: Sync {
         check: Check,
     ) -> io::Result<Written>;
     fn symlink(&self, path: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()>;
-    /// Returns the fingerprint of the (shared) inode.
-    fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<Fingerprint>;
+    /// Returns the stamp of the (shared) inode.
+    fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<Stamp>;
     fn set_meta(&self, path: &RelPath, kind: Kind, meta: &Meta) -> io::Result<()>;
-    /// The node's fingerprint, without following a symlink.
-    fn stat(&self, path: &RelPath) -> io::Result<Fingerprint>;
+    /// The node's stamp, without following a symlink.
+    fn stat(&self, path: &RelPath) -> io::Result<Stamp>;
 }
