@@ -263,8 +263,8 @@ pub fn reuse_cached(e: &mut Entry, cached: &Entry, window_ns: i128) -> bool {
 /// Gives files that have no valid hash under their path the hash recorded for the same inode
 /// under a path that is gone, when the whole stamp still matches: the files of a renamed
 /// directory keep inode, size, mtime and ctime, so they need not be read again. Only stamps
-/// with a node (`Stamp::node`, a backend with inodes) take part. Returns the
-/// entries that got a hash this way, to be recorded under their new paths.
+/// with a node ([`Stamp::node`], a backend with inodes) take part. Returns the entries that got
+/// a hash this way, to be recorded under their new paths.
 pub fn reuse_by_inode(tree: &mut Tree, stale: &[(RelPath, Entry)]) -> Vec<(RelPath, Entry)> {
     let windows = tree.windows;
     let by_inode: HashMap<(u64, u64), &Entry> = stale
