@@ -956,6 +956,7 @@ mod tests {
     use crate::hash::fill_tree_hashes;
     use crate::index::Roots;
     use crate::plan::plan;
+    use crate::replica::Capabilities;
     use crate::replica::memory::MemoryReplica;
     use crate::scan::{self, Side};
     use std::os::fd::AsFd;
@@ -974,7 +975,7 @@ mod tests {
         fill_tree_hashes(&mut tree.entries, false);
         fill_tree_hashes(&mut dst, false);
         let changes = diff(&tree.entries, &dst, false, &|_| false);
-        plan(&changes, &tree.entries, &dst, false)
+        plan(&changes, &tree.entries, &dst, &Capabilities::posix(false))
     }
 
     fn run(plan: &Plan, mem: &MemoryReplica, src: &Path, index: Option<&Index>) -> Outcome {

@@ -24,6 +24,7 @@ use crate::entry::{Content, Entry, Hash, RelPath};
 use crate::error::Result;
 use crate::event::{Event, PROGRESS_INTERVAL, Sink};
 use crate::index::{Cursor, Snapshot, Table};
+use crate::replica::Capabilities;
 use crate::replica::TMP_PREFIX;
 use crate::replica::probe::FsTraits;
 use crate::scan::{self, Root, Tree};
@@ -163,15 +164,16 @@ fn prefix(h: &Hash) -> u32 {
 
 /// Scans beneath the held roots `source` and `replica` (`None`: a replica that does not exist
 /// yet, which is empty) and merges them with the tables of `snapshot`. `fs` is what the
-/// replica's filesystem keeps: source times are compared as it would keep them, and a replica
-/// entry is racily clean for at least its timestamp grain. Tells `sink` now and then how many
-/// entries each walk has seen ([`Event::Scanned`]).
+/// replica's filesystem keeps (with the declared precision, [`Capabilities::traits`]) and
+/// `caps` what the replica declares: source entries are compared as it would keep them
+/// ([`Capabilities::keep`]), and a replica entry is racily clean for at least its timestamp
+/// grain. Tells `sink` now and then how many entries each walk has seen ([`Event::Scanned`]).
 pub fn scan(
     source: Root,
     replica: Option<Root>,
     snapshot: &Snapshot,
     owners: bool,
-    fs: FsTraits,
+    (fs, caps): (FsTraits, Capabilities),
     sink: &mut dyn Sink,
 ) -> Result<Merged> {
     let src_cursor = snapshot.cursor(Table::Source)?;
@@ -189,11 +191,17 @@ pub fn scan(
                 scan::Side::Source,
                 src_cursor,
                 src_tx,
-                (fs, replica_id),
+                (fs, caps, replica_id),
             )
         });
         let dst = s.spawn(move || match replica {
-            Some(root) => walk_side(root, scan::Side::Replica, dst_cursor, dst_tx, (fs, None)),
+            Some(root) => walk_side(
+                root,
+                scan::Side::Replica,
+                dst_cursor,
+                dst_tx,
+                (fs, caps, None),
+            ),
             None => missing_side(dst_cursor),
         });
         let progress = RefCell::new(Progress::new(sink));
@@ -224,7 +232,7 @@ fn walk_side(
     side: scan::Side,
     mut cursor: Cursor,
     tx: SyncSender<Batch>,
-    (fs, avoid): (FsTraits, Option<(u64, u64)>),
+    (fs, caps, avoid): (FsTraits, Capabilities, Option<(u64, u64)>),
 ) -> Result<(Tree, Vec<(RelPath, Entry)>)> {
     let mut stale = Vec::new();
     let mut failed = None;
@@ -234,7 +242,7 @@ fn walk_side(
             return;
         }
         if side == scan::Side::Source {
-            e.meta.mtime = fs.keep(e.meta.mtime);
+            caps.keep(&mut e, &fs);
         }
         match cursor.seek(&path, &mut |p, rec| stale.push((p, rec))) {
             Ok(Some(rec)) => {

@@ -15,20 +15,38 @@
 //!    touches is not staged: step 4 renames it straight from its source (one rename, one index
 //!    move).
 //! 2. `Remove`: every replica node that does not survive, children before parents (reverse
-//!    canonical order). This also clears the way for type changes and frees space first.
+//!    canonical order), except those step 5b removes. This also clears the way for type changes
+//!    and frees space first.
 //! 3. `Mkdir`: new directories, parents before children.
 //! 4. `Rename`: staged nodes into their final places (their parents exist now).
-//! 5. `Copy`: local copies from replica files that are stable or were just moved in.
+//! 5. `Copy`: local copies from replica files that are stable or were just moved in, or, on a
+//!    replica without rename, from released files that step 5b removes.
+//! 5b. `Remove` (replicas without rename only): the released files step 5 copied from, and their
+//!    released ancestors, children first. Such a file is used only when the source has nothing
+//!    at its path and no ancestor of it becomes a file or symlink, so nothing in steps 2 to 5
+//!    needs its place, and nothing after needs it.
 //! 6. `Write` and `Symlink`: content from the source.
 //! 7. `Link`: hard links to files that are now in place.
 //! 8. `SetMeta`: metadata of moved or unchanged-content nodes, then of every directory whose
 //!    entries changed, children before parents, so that no later step bumps an mtime.
+//!
+//! What the replica declares ([`Capabilities`]) shapes the plan: without rename there are no
+//! `Stage` and `Rename` operations (a move is a copy from the old path, or a write from the
+//! source without server-side copy, and a removal; a directory move is new directories, copies
+//! and removals); without server-side copy there are no `Copy` operations; without hard links
+//! no `Link` (each link is written as a file of its own); with implicit directories no
+//! directory metadata. A source node the replica cannot hold (a symlink, a name that is not
+//! UTF-8) is not produced and is reported in [`Plan::unsupported`]; whatever the replica holds
+//! at its path goes. Metadata the replica does not keep is not compared: the pass gives the
+//! planner source entries as the replica would keep them ([`Capabilities::keep`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::diff::Change;
 use crate::entry::{Content, Entry, Hash, Kind, RelPath, parent_of};
+use crate::error::{ErrorKind, PathError};
 use crate::replica::TMP_PREFIX;
+use crate::replica::caps::{Capabilities, Directories, Names, Rename, ServerCopy};
 
 /// An entry of the source tree a plan was made from (see [`Plan::entry`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,6 +178,9 @@ pub struct Plan {
     pub items: Vec<Item>,
     /// Bytes that will be read from the source.
     pub bytes_to_copy: u64,
+    /// Source paths the replica cannot hold (kind [`ErrorKind::Unsupported`]), skipped; below
+    /// a directory skipped for its name, only the directory is reported.
+    pub unsupported: Vec<PathError>,
     /// The (kept) source tree the plan was made from, which the operations refer to.
     source: Vec<(RelPath, Entry)>,
 }
@@ -197,15 +218,15 @@ impl Plan {
     }
 }
 
-/// Builds the plan for `changes`. `src` and `dst` are the two trees the changes came from; the
-/// plan keeps a copy of `src`.
+/// Builds the plan for `changes` on a replica that can do what `caps` says. `src` and `dst`
+/// are the two trees the changes came from; the plan keeps a copy of `src`.
 pub fn plan(
     changes: &[Change],
     src: &[(RelPath, Entry)],
     dst: &[(RelPath, Entry)],
-    owners: bool,
+    caps: &Capabilities,
 ) -> Plan {
-    plan_with(changes, src, dst, &[], owners).with_source(src.to_vec())
+    plan_with(changes, src, dst, &[], caps).with_source(src.to_vec())
 }
 
 /// [`plan`] from parts of the two trees: `src` and `dst` need to hold only every changed path,
@@ -217,14 +238,16 @@ pub fn plan_with(
     src: &[(RelPath, Entry)],
     dst: &[(RelPath, Entry)],
     copy_sources: &[(RelPath, Entry)],
-    owners: bool,
+    caps: &Capabilities,
 ) -> Draft {
     Draft(
         Planner {
             src,
             dst,
             copy_sources,
-            owners,
+            caps,
+            owners: caps.owners,
+            refused: HashSet::new(),
             next_tmp: 0,
         }
         .run(changes),
@@ -235,7 +258,10 @@ struct Planner<'a> {
     src: &'a [(RelPath, Entry)],
     dst: &'a [(RelPath, Entry)],
     copy_sources: &'a [(RelPath, Entry)],
+    caps: &'a Capabilities,
     owners: bool,
+    /// Source paths the replica cannot hold: planned as if the source had nothing there.
+    refused: HashSet<RelPath>,
     next_tmp: u64,
 }
 
@@ -247,6 +273,8 @@ struct Classes<'c> {
     needed: Vec<(&'c RelPath, &'c Entry, Code)>,
     /// Nodes that keep their content and take the source's metadata.
     metas: Vec<(&'c RelPath, &'c Entry)>,
+    /// Source nodes the replica cannot hold.
+    refused: Vec<&'c RelPath>,
 }
 
 /// A replica node (a file, or a directory with its subtree) renamed from `from` to `to`, where
@@ -268,12 +296,17 @@ struct Built<'c> {
     links: Vec<Op>,
     /// Bytes the writes read from the source.
     bytes: u64,
+    /// Released files that copies read from, removed after the copies (no rename only).
+    lingering: HashSet<RelPath>,
 }
 
 /// Replica files that can give a needed file its content, by hash.
 struct Pools<'c> {
-    /// Released files, each usable once as a move source.
+    /// Released files, each usable once as a move source; on a replica without rename, those
+    /// that may stay until the copies are done, each usable as a copy source any number of times.
     vanishing: HashMap<Hash, VecDeque<&'c RelPath>>,
+    /// The vanishing files that copies read from (no rename only).
+    lingering: HashSet<RelPath>,
     /// Files that stay where they are (in the kept tree or among the copy sources).
     stable: HashMap<Hash, RelPath>,
     /// Files that are in place once the moves are done, at their new paths.
@@ -289,15 +322,55 @@ enum Source {
 }
 
 /// Phase 1: sorts the changes into released replica nodes, needed source nodes and
-/// metadata-only changes. A modification or type change is both released and needed.
-fn classify<'c>(changes: &[Change<'c>]) -> Classes<'c> {
+/// metadata-only changes. A modification or type change is both released and needed. A source
+/// node the replica cannot hold is reported into `refused` and not needed (what the replica
+/// has at its path is released); directory metadata on a replica with implicit directories is
+/// not a change.
+fn classify<'c>(
+    changes: &[Change<'c>],
+    caps: &Capabilities,
+    refused: &mut Vec<PathError>,
+) -> Classes<'c> {
     let mut classes = Classes {
         released: Vec::new(),
         needed: Vec::new(),
         metas: Vec::new(),
+        refused: Vec::new(),
     };
     for &c in changes {
+        if let Change::Add { path, src }
+        | Change::Modify { path, src, .. }
+        | Change::Type { path, src, .. }
+        | Change::Meta { path, src, .. } = c
+            && let Some(why) = caps.refuses(path, src)
+        {
+            if let Change::Modify { dst, .. }
+            | Change::Type { dst, .. }
+            | Change::Meta { dst, .. } = c
+            {
+                classes.released.push((path, dst));
+            }
+            classes.refused.push(path);
+            // Below a directory refused for its name, every name is refused with it.
+            let parent_refused = caps.names == Names::Utf8
+                && path
+                    .parent_bytes()
+                    .is_some_and(|b| std::str::from_utf8(b).is_err());
+            if !parent_refused {
+                refused.push(PathError::new(
+                    path,
+                    ErrorKind::Unsupported,
+                    format!(
+                        "{path} is not replicated: {why}; it is skipped on every sync (rename or \
+                         remove it in the source, or use a replica that can hold it)"
+                    ),
+                ));
+            }
+            continue;
+        }
         match c {
+            Change::Meta { src, .. }
+                if src.is_dir() && caps.directories == Directories::Implicit => {}
             Change::Add { path, src } => classes.needed.push((path, src, Code::Add)),
             Change::Modify { path, src, dst } => {
                 classes.released.push((path, dst));
@@ -342,10 +415,15 @@ impl Planner<'_> {
 
     /// Runs the phases of the module doc in turn.
     fn run<'c>(mut self, changes: &[Change<'c>]) -> Plan {
-        let mut classes = classify(changes);
+        let mut unsupported = Vec::new();
+        let mut classes = classify(changes, self.caps, &mut unsupported);
+        self.refused = classes.refused.iter().map(|p| (*p).clone()).collect();
         // Every replica path that will not be where it is now, for choosing copy sources.
         let gone: HashSet<&RelPath> = classes.released.iter().map(|(p, _)| *p).collect();
-        let mut moves = self.match_dir_moves(&mut classes);
+        let mut moves = match self.caps.rename {
+            Rename::Atomic => self.match_dir_moves(&mut classes),
+            Rename::None => Vec::new(),
+        };
         let built = self.match_files(&classes, &gone, &mut moves);
 
         // An upper bound on the operations below (stage, rename and metadata per move; one per
@@ -356,22 +434,26 @@ impl Planner<'_> {
             released,
             needed,
             metas,
+            ..
         } = &classes;
         let mut ops = Vec::with_capacity(
             3 * moves.len() + released.len() + needed.len() + metas.len() + src_dirs,
         );
         let staged = self.emit_stage(&moves, &gone, &mut ops);
-        self.emit_remove(released, &moves, &mut ops);
+        let late = self.emit_remove(released, &moves, &built.lingering, &mut ops);
         self.emit_mkdir(needed, &mut ops);
         let moved_meta = self.emit_rename(moves, &staged, &mut ops);
         // Steps 5 and 7 were built with the sources they copy or link from.
         ops.extend(built.copies);
+        ops.extend(late);
         self.emit_write(&built.writes, &mut ops);
         ops.extend(built.links);
         // Step 8: moved files, metadata-only changes, then directories.
         ops.extend(moved_meta);
         self.emit_meta(metas, &mut ops);
-        self.emit_dir_meta(metas, &mut ops);
+        if self.caps.directories == Directories::Real {
+            self.emit_dir_meta(metas, &mut ops);
+        }
 
         // At most one item per change: sized up front, as an initial sync has one per path.
         let items = self.status_items(&ops, &classes, changes.len());
@@ -379,6 +461,7 @@ impl Planner<'_> {
             ops,
             items,
             bytes_to_copy: built.bytes,
+            unsupported,
             source: Vec::new(),
         }
     }
@@ -446,6 +529,7 @@ impl Planner<'_> {
     ) -> Built<'c> {
         let mut pools = Pools {
             vanishing: self.vanishing_files(&classes.released),
+            lingering: HashSet::new(),
             stable: self.stable_files(&classes.needed, gone),
             moved_in: self.moved_in(moves),
         };
@@ -453,7 +537,7 @@ impl Planner<'_> {
         for &(path, e, code) in &classes.needed {
             match &e.content {
                 Content::File { hash, size } => {
-                    if let Some(leader) = &e.link {
+                    if let Some(leader) = self.leader(e) {
                         built.links.push(Op::Link {
                             leader: leader.clone(),
                             path: path.clone(),
@@ -493,7 +577,33 @@ impl Planner<'_> {
                 Content::Dir { .. } | Content::Special => {}
             }
         }
+        built.lingering = pools.lingering;
         built
+    }
+
+    /// The hard-link leader `e` is linked to: none where the replica has no hard links (each
+    /// link is written as a file of its own) or does not get the leader.
+    fn leader<'e>(&self, e: &'e Entry) -> Option<&'e RelPath> {
+        e.link
+            .as_ref()
+            .filter(|l| self.caps.hard_links && !self.refused.contains(*l))
+    }
+
+    /// On a replica without rename, whether the released file at `path` can stay in place until
+    /// the copies are done (step 5b): the source has nothing there and no ancestor of it
+    /// becomes a file or symlink, so no earlier step needs its place or its directory's.
+    fn can_linger(&self, path: &RelPath) -> bool {
+        if self.src_kind(path).is_some() {
+            return false;
+        }
+        let mut p = path.parent();
+        while let Some(q) = p {
+            if matches!(self.src_kind(&q), Some(k) if k != Kind::Dir) {
+                return false;
+            }
+            p = q.parent();
+        }
+        true
     }
 
     /// Released files that can be moved, by content.
@@ -509,8 +619,12 @@ impl Planner<'_> {
             .filter_map(|(_, e)| e.link.as_ref())
             .collect();
         let mut pool: HashMap<Hash, VecDeque<&RelPath>> = HashMap::new();
+        let copies = self.caps.server_copy != ServerCopy::None;
         for &(path, e) in released {
             if e.link.is_some() || linked.contains(path) {
+                continue;
+            }
+            if self.caps.rename == Rename::None && !(copies && self.can_linger(path)) {
                 continue;
             }
             if let (Kind::File, Some(h)) = (e.kind(), e.file_hash()) {
@@ -562,12 +676,28 @@ impl Planner<'_> {
         moved_in
     }
 
+    /// Where a needed file with content `h` at `path` gets it from: a move of a released file
+    /// (a copy from one that lingers, without rename), else a copy, else the source.
     fn find_source(&self, h: &Hash, path: &RelPath, pools: &mut Pools) -> Source {
-        if let Some(q) = pools.vanishing.get_mut(h)
-            && let Some(k) = q.iter().position(|r| *r != path)
-        {
-            let from = q.remove(k).expect("index is in range");
-            return Source::Move(from.clone());
+        match self.caps.rename {
+            Rename::Atomic => {
+                if let Some(q) = pools.vanishing.get_mut(h)
+                    && let Some(k) = q.iter().position(|r| *r != path)
+                {
+                    let from = q.remove(k).expect("index is in range");
+                    return Source::Move(from.clone());
+                }
+            }
+            // Lingering files are not in the source, so never at `path`.
+            Rename::None => {
+                if let Some(from) = pools.vanishing.get(h).and_then(|q| q.front()) {
+                    pools.lingering.insert((*from).clone());
+                    return Source::Copy((*from).clone(), lookup(self.dst, from).cloned());
+                }
+            }
+        }
+        if self.caps.server_copy == ServerCopy::None {
+            return Source::Fresh;
         }
         if let Some(from) = pools.stable.get(h).filter(|f| *f != path) {
             let trusted = lookup(self.dst, from).or_else(|| lookup(self.copy_sources, from));
@@ -604,8 +734,15 @@ impl Planner<'_> {
     }
 
     /// Phase 4, step 2: removes the released nodes that are neither moved nor replaced in place,
-    /// children first (reverse canonical order).
-    fn emit_remove(&self, released: &[(&RelPath, &Entry)], moves: &[Move], ops: &mut Vec<Op>) {
+    /// children first (reverse canonical order). Returns the removals of step 5b: the
+    /// `lingering` copy sources and their released ancestors.
+    fn emit_remove(
+        &self,
+        released: &[(&RelPath, &Entry)],
+        moves: &[Move],
+        lingering: &HashSet<RelPath>,
+        ops: &mut Vec<Op>,
+    ) -> Vec<Op> {
         // A move's target was a vanishing node too (a Modify); it was staged, not removed.
         let move_sources: HashSet<&RelPath> = moves.iter().map(|m| &m.from).collect();
         let mut removals: Vec<(&RelPath, Kind)> = released
@@ -618,12 +755,27 @@ impl Planner<'_> {
             .map(|(p, e)| (*p, e.kind()))
             .collect();
         removals.sort_by(|a, b| b.0.cmp(a.0));
+        let mut late_paths: HashSet<&[u8]> = HashSet::new();
+        for l in lingering {
+            late_paths.insert(l.as_bytes());
+            let mut q = l.parent_bytes();
+            while let Some(b) = q.filter(|b| !b.is_empty()) {
+                late_paths.insert(b);
+                q = Some(parent_of(b));
+            }
+        }
+        let mut late = Vec::new();
         for (path, kind) in removals {
-            ops.push(Op::Remove {
+            let op = Op::Remove {
                 path: path.clone(),
                 kind,
-            });
+            };
+            match late_paths.contains(path.as_bytes()) {
+                true => late.push(op),
+                false => ops.push(op),
+            }
         }
+        late
     }
 
     /// Phase 4, step 3: creates the needed directories, parents first (canonical order).
@@ -809,7 +961,12 @@ impl Planner<'_> {
         !path.descendants_in(tree, |x| &x.0).is_empty()
     }
 
+    /// The kind of what the plan puts at `path` (nothing where the replica refuses the source
+    /// node).
     fn src_kind(&self, path: &RelPath) -> Option<Kind> {
+        if self.refused.contains(path) {
+            return None;
+        }
         lookup(self.src, path).map(Entry::kind)
     }
 }
@@ -849,10 +1006,35 @@ mod tests {
     use crate::diff::diff;
     use crate::diff::tests::{dir, file, link, p, tree};
 
+    const POSIX: Capabilities = Capabilities::posix(false);
+
     /// Runs a plan on an in-memory replica, enforcing what a filesystem enforces (parents
-    /// exist, a directory is empty before it is removed, a rename does not land on a directory),
-    /// and returns the final tree.
-    fn simulate(plan: &Plan, dst: &[(RelPath, Entry)]) -> BTreeMap<RelPath, Entry> {
+    /// exist, a directory is empty before it is removed, a rename does not land on a directory)
+    /// and what `caps` allows, and returns the final tree.
+    fn simulate(
+        plan: &Plan,
+        dst: &[(RelPath, Entry)],
+        caps: &Capabilities,
+    ) -> BTreeMap<RelPath, Entry> {
+        for op in &plan.ops {
+            let allowed = match op {
+                Op::Stage { .. } | Op::Rename { .. } => caps.rename == Rename::Atomic,
+                Op::Copy { .. } => caps.server_copy != ServerCopy::None,
+                Op::Link { .. } => caps.hard_links,
+                Op::Symlink { .. } => caps.symlinks,
+                Op::SetMeta { src, .. } => {
+                    !plan.entry(*src).is_dir() || caps.directories == Directories::Real
+                }
+                _ => true,
+            };
+            assert!(allowed, "{op:?} on a replica that cannot do it");
+            if caps.names == Names::Utf8 {
+                assert!(
+                    std::str::from_utf8(op.target().as_bytes()).is_ok(),
+                    "{op:?}"
+                );
+            }
+        }
         let mut m: BTreeMap<RelPath, Entry> = dst.iter().cloned().collect();
         let parent_ok = |m: &BTreeMap<RelPath, Entry>, path: &RelPath| {
             let parent = path.parent().expect("not the root");
@@ -940,6 +1122,12 @@ mod tests {
         check_with(src, dst, &[])
     }
 
+    /// [`check`] on a replica that can do what `caps` says: the plan uses nothing else, and
+    /// the result mirrors the source but for the nodes the replica refuses.
+    fn check_caps(src: &[(RelPath, Entry)], dst: &[(RelPath, Entry)], caps: &Capabilities) -> Plan {
+        check_all(src, dst, &[], caps)
+    }
+
     /// [`check`] with replica files that the trees left out as unchanged, offered as copy
     /// sources. A special file is reported, not created.
     fn check_with(
@@ -947,28 +1135,59 @@ mod tests {
         dst: &[(RelPath, Entry)],
         copy_sources: &[(RelPath, Entry)],
     ) -> Plan {
+        check_all(src, dst, copy_sources, &POSIX)
+    }
+
+    fn check_all(
+        src: &[(RelPath, Entry)],
+        dst: &[(RelPath, Entry)],
+        copy_sources: &[(RelPath, Entry)],
+        caps: &Capabilities,
+    ) -> Plan {
         let changes = diff(src, dst, false, &|_| false);
-        let plan = plan_with(&changes, src, dst, copy_sources, false).with_source(src.to_vec());
+        let plan = plan_with(&changes, src, dst, copy_sources, caps).with_source(src.to_vec());
         let mut before = dst.to_vec();
         before.extend_from_slice(copy_sources);
         before.sort_by(|x, y| x.0.cmp(&y.0));
-        let mut out = simulate(&plan, &before);
+        let mut out = simulate(&plan, &before, caps);
         for (path, _) in copy_sources {
             out.remove(path);
         }
+        let refused = |p: &RelPath, e: &Entry| {
+            let mut q = Some(p.clone());
+            while let Some(a) = q {
+                if let Some(ae) = lookup(src, &a)
+                    && caps.refuses(&a, ae).is_some()
+                {
+                    return true;
+                }
+                q = a.parent();
+            }
+            caps.refuses(p, e).is_some()
+        };
         let want: BTreeMap<RelPath, Shape> = src
             .iter()
-            .filter(|(_, e)| e.kind() != Kind::Special)
-            .map(|(p, e)| (p.clone(), shape(e)))
+            .filter(|(p, e)| e.kind() != Kind::Special && !refused(p, e))
+            .map(|(p, e)| (p.clone(), shape(&kept(e, caps))))
             .collect();
-        let got: BTreeMap<RelPath, Shape> =
-            out.iter().map(|(p, e)| (p.clone(), shape(e))).collect();
+        let got: BTreeMap<RelPath, Shape> = out
+            .iter()
+            .map(|(p, e)| (p.clone(), shape(&kept(e, caps))))
+            .collect();
         assert_eq!(got, want, "plan: {:#?}", plan.ops);
         plan
     }
 
     /// What must match between source and result: kind, content, mode, mtime.
     type Shape = (Kind, Option<Hash>, Option<Vec<u8>>, u32, i64);
+
+    /// `e` with the metadata a replica with `caps` keeps.
+    fn kept(e: &Entry, caps: &Capabilities) -> Entry {
+        Entry {
+            meta: caps.keep_meta(e.kind(), e.meta),
+            ..e.clone()
+        }
+    }
 
     fn shape(e: &Entry) -> Shape {
         let target = match &e.content {
@@ -1194,7 +1413,7 @@ mod tests {
         };
         let src = tree(vec![("b", e)]);
         let changes = diff(&src, &dst, false, &|_| false);
-        let plan = plan(&changes, &src, &dst, false);
+        let plan = plan(&changes, &src, &dst, &POSIX);
         assert_eq!(lines(&plan), ["D a", "A b"]);
     }
 
@@ -1447,5 +1666,244 @@ mod tests {
             (Box::leak(name.into_boxed_str()), file("z", 1)),
         ]);
         check(&src, &dst);
+    }
+
+    fn object_store() -> Capabilities {
+        crate::replica::memory::Profile::ObjectStoreLike.capabilities(false)
+    }
+
+    fn sftp() -> Capabilities {
+        crate::replica::memory::Profile::SftpLike.capabilities(false)
+    }
+
+    fn position(plan: &Plan, pred: impl Fn(&Op) -> bool) -> usize {
+        plan.ops.iter().position(pred).expect("the op is planned")
+    }
+
+    #[test]
+    fn without_rename_a_file_move_is_a_copy_then_a_removal() {
+        let dst = tree(vec![("a", file("A", 1))]);
+        let src = tree(vec![("b", file("A", 1))]);
+        let plan = check_caps(&src, &dst, &object_store());
+        assert_eq!(lines(&plan), ["D a", "C a -> b"]);
+        let copy = position(&plan, |o| matches!(o, Op::Copy { .. }));
+        let remove = position(&plan, |o| matches!(o, Op::Remove { .. }));
+        assert!(copy < remove, "{:#?}", plan.ops);
+        // The same on a POSIX replica is one rename.
+        assert_eq!(lines(&check(&src, &dst)), ["R a -> b"]);
+    }
+
+    #[test]
+    fn without_rename_or_server_copy_a_move_is_written_from_the_source() {
+        let caps = Capabilities {
+            server_copy: ServerCopy::None,
+            ..object_store()
+        };
+        let dst = tree(vec![("a", file("A", 1))]);
+        let src = tree(vec![("b", file("A", 1))]);
+        let plan = check_caps(&src, &dst, &caps);
+        assert_eq!(lines(&plan), ["D a", "A b"]);
+        assert_eq!(plan.bytes_to_copy, 1);
+    }
+
+    #[test]
+    fn without_rename_a_directory_move_is_new_directories_copies_and_removals() {
+        let dst = tree(vec![
+            ("old", dir()),
+            ("old/f", file("F", 2)),
+            ("old/g", file("G", 3)),
+            ("old/sub", dir()),
+            ("old/sub/h", file("H", 4)),
+        ]);
+        let src = tree(vec![
+            ("new", dir()),
+            ("new/f", file("F", 2)),
+            ("new/g", file("G", 3)),
+            ("new/sub", dir()),
+            ("new/sub/h", file("H", 4)),
+        ]);
+        let plan = check_caps(&src, &dst, &object_store());
+        let ops = render(&plan);
+        assert_eq!(
+            ops,
+            [
+                "mkdir new <new> A",
+                "mkdir new/sub <new/sub> A",
+                "copy old/f new/f <new/f> trusted=true",
+                "copy old/g new/g <new/g> trusted=true",
+                "copy old/sub/h new/sub/h <new/sub/h> trusted=true",
+                "remove old/sub/h File",
+                "remove old/sub Dir",
+                "remove old/g File",
+                "remove old/f File",
+                "remove old Dir",
+            ],
+            "{ops:#?}"
+        );
+        assert_eq!(plan.bytes_to_copy, 0);
+    }
+
+    #[test]
+    fn without_rename_a_copy_source_whose_place_is_taken_is_not_used() {
+        let caps = object_store();
+        // A swap: each old content is wanted where the other one is.
+        let dst = tree(vec![("a", file("A", 1)), ("b", file("B", 1))]);
+        let src = tree(vec![("a", file("B", 1)), ("b", file("A", 1))]);
+        let plan = check_caps(&src, &dst, &caps);
+        assert_eq!(count(&plan, |o| matches!(o, Op::Write { .. })), 2);
+        // A directory that becomes a file holding its child's content: the child goes first.
+        let dst = tree(vec![("d", dir()), ("d/f", file("F", 1))]);
+        let src = tree(vec![("d", file("F", 1))]);
+        let plan = check_caps(&src, &dst, &caps);
+        assert_eq!(
+            render(&plan),
+            ["remove d/f File", "remove d Dir", "write d <d> T"]
+        );
+        // Out of a directory that stays, into one that is new, next to a removal that is not a
+        // copy source: that one is removed first, as on POSIX.
+        let dst = tree(vec![
+            ("k", dir()),
+            ("k/f", file("F", 1)),
+            ("z", file("Z", 1)),
+        ]);
+        let src = tree(vec![("k", dir()), ("n", dir()), ("n/f", file("F", 1))]);
+        let plan = check_caps(&src, &dst, &caps);
+        assert_eq!(
+            render(&plan),
+            [
+                "remove z File",
+                "mkdir n <n> A",
+                "copy k/f n/f <n/f> trusted=true",
+                "remove k/f File",
+            ]
+        );
+    }
+
+    #[test]
+    fn without_server_copy_copies_are_written_and_moves_stay_renames() {
+        let dst = tree(vec![("keep", file("K", 1)), ("gone", file("G", 1))]);
+        let src = tree(vec![
+            ("keep", file("K", 1)),
+            ("k2", file("K", 1)),
+            ("g1", file("G", 1)),
+            ("g2", file("G", 1)),
+        ]);
+        let plan = check_caps(&src, &dst, &sftp());
+        assert_eq!(lines(&plan), ["R gone -> g1", "A g2", "A k2"]);
+        assert_eq!(count(&plan, |o| matches!(o, Op::Copy { .. })), 0);
+    }
+
+    #[test]
+    fn without_hard_links_each_link_is_written_as_its_own_file() {
+        let mut b = file("same", 1);
+        b.link = Some(p("a"));
+        let src = tree(vec![("a", file("same", 1)), ("b", b)]);
+        let plan = check_caps(&src, &tree(vec![]), &sftp());
+        assert_eq!(count(&plan, |o| matches!(o, Op::Link { .. })), 0);
+        assert_eq!(count(&plan, |o| matches!(o, Op::Write { .. })), 2);
+        assert_eq!(lines(&plan), ["A a", "A b"]);
+    }
+
+    #[test]
+    fn refused_symlinks_and_names_are_reported_skipped_and_what_was_there_goes() {
+        let raw = |b: &[u8]| RelPath::from_bytes(b).unwrap();
+        let mut src = vec![
+            (RelPath::root(), dir()),
+            (p("ln"), link("target")),
+            (p("ok"), file("O", 1)),
+            (p("t"), link("x")),
+            (raw(b"\xff"), dir()),
+            (raw(b"\xff/f"), file("F", 1)),
+            (raw(b"\xffg"), file("G", 1)),
+        ];
+        src.sort_by(|a, b| a.0.cmp(&b.0));
+        crate::hash::fill_tree_hashes(&mut src, false);
+        let dst = tree(vec![("t", file("T", 1))]);
+        let plan = check_caps(&src, &dst, &object_store());
+        assert!(
+            plan.unsupported
+                .iter()
+                .all(|e| e.kind == ErrorKind::Unsupported)
+        );
+        let mut refused: Vec<String> = plan.unsupported.iter().map(|e| e.path.clone()).collect();
+        refused.sort();
+        let shown = |b: &[u8]| raw(b).to_string();
+        let mut want = vec![
+            "ln".to_string(),
+            "t".to_string(),
+            shown(b"\xff"),
+            shown(b"\xffg"),
+        ];
+        want.sort();
+        assert_eq!(refused, want, "{:#?}", plan.unsupported);
+        assert!(plan.unsupported[0].message.contains("not replicated"));
+        assert_eq!(render(&plan), ["remove t File", "write ok <ok> A"]);
+        // A POSIX replica takes them all.
+        let plan = check(&src, &dst);
+        assert!(plan.unsupported.is_empty());
+    }
+
+    #[test]
+    fn implicit_directories_get_no_metadata() {
+        let mut md = dir();
+        md.meta.mode = 0o700;
+        let dst = tree(vec![("d", dir()), ("md", dir())]);
+        let src = tree(vec![("d", dir()), ("d/new", file("N", 1)), ("md", md)]);
+        let plan = check_caps(&src, &dst, &object_store());
+        assert_eq!(lines(&plan), ["A d/new"]);
+        assert_eq!(render(&plan), ["write d/new <d/new> A"]);
+        // With real directories, the new entry's directory and the changed one get theirs.
+        let plan = check(&src, &dst);
+        assert_eq!(
+            count(&plan, |o| matches!(o, Op::SetMeta { .. })),
+            2,
+            "{:#?}",
+            plan.ops
+        );
+    }
+
+    /// The trees of a replica that keeps what `caps` says, holding `src` as written, and the
+    /// source as scanned with nanosecond times and modes, compared as the replica keeps them.
+    fn kept_trees(
+        caps: &Capabilities,
+        src: Vec<(&str, Entry)>,
+    ) -> (Vec<(RelPath, Entry)>, Vec<(RelPath, Entry)>) {
+        let fs = caps.traits(crate::replica::probe::FsTraits::default());
+        let mut as_held = src.clone();
+        for (_, e) in &mut as_held {
+            e.meta = caps.keep_meta(e.kind(), e.meta);
+        }
+        let mut scanned = tree(src);
+        for (_, e) in &mut scanned {
+            caps.keep(e, &fs);
+        }
+        crate::hash::fill_tree_hashes(&mut scanned, false);
+        (scanned, tree(as_held))
+    }
+
+    #[test]
+    fn metadata_the_replica_does_not_keep_is_not_compared_and_subtrees_are_skipped() {
+        let fine = |mut e: Entry, nsec: u32, mode: u32| {
+            e.meta.mtime.nsec = nsec;
+            e.meta.mode = mode;
+            e
+        };
+        let entries = || {
+            vec![
+                ("d", fine(dir(), 5, 0o750)),
+                ("d/f", fine(file("F", 7), 999_999_999, 0o600)),
+                ("g", fine(file("G", 8), 1, 0o640)),
+            ]
+        };
+        for caps in [sftp(), object_store()] {
+            let (src, dst) = kept_trees(&caps, entries());
+            assert_eq!(src[0].1.content, dst[0].1.content, "root tree hashes equal");
+            let changes = diff(&src, &dst, false, &|_| false);
+            assert!(changes.is_empty(), "{caps:?}: {changes:?}");
+            assert!(plan(&changes, &src, &dst, &caps).is_empty());
+            // Without the normalisation, each pass would change metadata again.
+            let raw = tree(entries());
+            assert!(!diff(&raw, &dst, false, &|_| false).is_empty(), "{caps:?}");
+        }
     }
 }

@@ -26,6 +26,7 @@ use crate::index::{FS_TRAITS, Index, ReadIndex, Roots, Snapshot, Table, Update};
 use crate::merge;
 use crate::oplog::OpLog;
 use crate::plan::{Code, Draft, Plan, plan_with};
+use crate::replica::Capabilities;
 use crate::replica::local::LocalReplica;
 use crate::replica::probe::{self, FsTraits};
 use crate::replica::root::ReplicaRoot;
@@ -119,20 +120,29 @@ struct Scanned {
     dst_stale: HashSet<RelPath>,
 }
 
+/// What the replica can do and keep: the local replica's declaration (the one backend a path
+/// names today).
+fn replica_caps(cfg: &Config) -> Capabilities {
+    LocalReplica::capabilities_for(cfg.owners)
+}
+
 /// Scans both trees beneath their held roots (see [`merge::scan`]; `None`: the replica does not
 /// exist yet), then hashes what must be hashed. Returns the kept parts of the trees and what
-/// the index should learn from the scan. `fs` is what the replica's filesystem keeps. `sink`
-/// hears the scan's progress.
+/// the index should learn from the scan. `probed` is what the replica's filesystem was found
+/// to keep; source entries are compared as the replica keeps them ([`Capabilities::keep`]).
+/// `sink` hears the scan's progress.
 fn scan_both(
     cfg: &Config,
     snapshot: &Snapshot,
     (source, replica): (Root, Option<Root>),
-    fs: FsTraits,
+    probed: FsTraits,
     sink: &mut dyn Sink,
 ) -> Result<(Scanned, Vec<Update>)> {
     let t = Instant::now();
+    let caps = replica_caps(cfg);
+    let fs = caps.traits(probed);
     let merge::Merged { src, dst, contents } =
-        merge::scan(source, replica, snapshot, cfg.owners, fs, sink)?;
+        merge::scan(source, replica, snapshot, caps.owners, (fs, caps), sink)?;
     sink.event(&Event::Scanned {
         source: src.seen as u64,
         replica: dst.seen as u64,
@@ -153,9 +163,9 @@ fn scan_both(
     let src_fresh = scan::hash_files_in(source, &mut src_tree, &src_need);
     // Hashing took the files' metadata afresh (and dropped files that vanished): compare it as
     // the replica keeps it, as the merge did.
-    if fs.mtime_grain_ns > 1 {
+    if fs.mtime_grain_ns > 1 || caps != Capabilities::posix(caps.owners) {
         for (_, e) in &mut src_tree.entries {
-            e.meta.mtime = fs.keep(e.meta.mtime);
+            caps.keep(e, &fs);
         }
     }
     let dst_fresh = match replica {
@@ -176,8 +186,8 @@ fn scan_both(
     }
     log::debug!("hashed in {:?}", t.elapsed());
     rayon::join(
-        || fill_tree_hashes(&mut src_tree.entries, cfg.owners),
-        || fill_tree_hashes(&mut dst_tree.entries, cfg.owners),
+        || fill_tree_hashes(&mut src_tree.entries, caps.owners),
+        || fill_tree_hashes(&mut dst_tree.entries, caps.owners),
     );
     let scanned = Scanned {
         src: src_tree,
@@ -200,8 +210,9 @@ fn make_plan(cfg: &Config, s: &mut Scanned, snapshot: &Snapshot) -> Result<Plan>
 }
 
 fn draft_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Draft> {
+    let caps = replica_caps(cfg);
     // Unknown on either side (unreadable, or a mount inside the replica): left as it is.
-    let changes = diff(&s.src.entries, &s.dst.entries, cfg.owners, &|p| {
+    let changes = diff(&s.src.entries, &s.dst.entries, caps.owners, &|p| {
         s.src.is_unknown(p) || s.dst.is_unknown(p)
     });
     let kept_hashes: HashSet<Hash> = s
@@ -244,7 +255,7 @@ fn draft_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Draft> {
         &s.src.entries,
         &s.dst.entries,
         &copy_sources,
-        cfg.owners,
+        &caps,
     ))
 }
 

@@ -24,6 +24,7 @@ use dirsync::entry::{Content, Entry, Meta, RelPath};
 use dirsync::hash::fill_tree_hashes;
 use dirsync::oplog::OpLog;
 use dirsync::plan::{Plan, plan};
+use dirsync::replica::Replica;
 use dirsync::replica::memory::MemoryReplica;
 use dirsync::scan::{self, Side};
 use proptest::prelude::*;
@@ -422,7 +423,10 @@ fn memory_plan(src: &Path, mem: &MemoryReplica, owners: bool) -> (Plan, Vec<(Rel
     fill_tree_hashes(&mut tree.entries, owners);
     fill_tree_hashes(&mut dst, owners);
     let changes = diff(&tree.entries, &dst, owners, &|p| tree.is_unknown(p));
-    (plan(&changes, &tree.entries, &dst, owners), dst)
+    (
+        plan(&changes, &tree.entries, &dst, &mem.capabilities()),
+        dst,
+    )
 }
 
 /// Plans and applies (the first `kill_after` operations of) a sync into `mem`.

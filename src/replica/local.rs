@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 
-use super::{Check, Replica, TMP_PREFIX, Written};
+use super::{Capabilities, Check, Replica, TMP_PREFIX, Written};
 use crate::entry::{Hash, Kind, Meta, RelPath, Stamp, Time};
 use crate::hash;
 
@@ -114,6 +114,13 @@ impl LocalReplica {
 
     /// A replica beneath the held root directory `root`: every operation resolves beneath it,
     /// never through the replica's path.
+    /// What a local replica declares: a POSIX filesystem, with owners when `owners` (as root).
+    /// The pass plans with these before the replica is opened; what one filesystem keeps of
+    /// times is probed apart ([`super::probe`]).
+    pub const fn capabilities_for(owners: bool) -> Capabilities {
+        Capabilities::posix(owners)
+    }
+
     pub fn with_root(root: OwnedFd, owners: bool) -> LocalReplica {
         LocalReplica {
             root,
@@ -505,6 +512,10 @@ impl LocalReplica {
 }
 
 impl Replica for LocalReplica {
+    fn capabilities(&self) -> Capabilities {
+        Self::capabilities_for(self.owners)
+    }
+
     fn batch(&self, f: &mut dyn FnMut()) {
         /// Ends the batch (closing the kept directory) even if `f` panics.
         struct End;

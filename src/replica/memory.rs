@@ -13,6 +13,15 @@
 //! - Creating, removing or renaming an entry sets its directory's mtime to the current time, as
 //!   a kernel does; every change to a node gives it a new ctime.
 //!
+//!
+//! A memory replica behaves as one kind of backend, its [`Profile`], and enforces what that kind
+//! cannot do: an operation it lacks fails with an error of kind `Unsupported` (`EXDEV` for a
+//! rename without rename, `EOPNOTSUPP` for a copy, hard link or symlink it cannot make or for
+//! the metadata of an implicit directory, `EILSEQ` for a name that is not UTF-8 where names
+//! must be), and metadata it does not keep is stored as it would keep it
+//! ([`Capabilities::keep_meta`]: times to whole seconds, default modes). A planner that ignored
+//! a capability therefore fails, or leaves a change that no sync makes go away.
+//!
 //! Temporary names are not needed: every write is put in place in one step under the lock.
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,6 +30,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rustix::io::Errno;
 
+use super::caps::{Capabilities, Directories, MtimePrecision, Names, Rename, ServerCopy};
 use super::{Check, Replica, Written};
 use crate::entry::{Content, Entry, Hash, Kind, Meta, RelPath, Stamp, Time};
 use crate::hash;
@@ -62,15 +72,68 @@ struct State {
     files: HashMap<u64, FileInode>,
     next_ino: u64,
     clock: u64,
+    caps: Capabilities,
+}
+
+/// The kind of backend a memory replica behaves as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// A local POSIX filesystem: everything, owners as asked.
+    Posix,
+    /// An SFTP (version 3) server: atomic rename, no server-side copy, whole-second times, no
+    /// owners, no hard links.
+    SftpLike,
+    /// An object store (S3): no rename, server-side whole-file copy, times kept exactly in
+    /// metadata, no modes, owners, symlinks or hard links, implicit directories (kept as
+    /// markers, so an empty one survives), UTF-8 names only.
+    ObjectStoreLike,
+}
+
+impl Profile {
+    pub const ALL: [Profile; 3] = [Profile::Posix, Profile::SftpLike, Profile::ObjectStoreLike];
+
+    /// What a replica of this kind declares; `owners` counts for [`Profile::Posix`] only.
+    pub fn capabilities(self, owners: bool) -> Capabilities {
+        match self {
+            Profile::Posix => Capabilities::posix(owners),
+            Profile::SftpLike => Capabilities {
+                server_copy: ServerCopy::None,
+                mtime: MtimePrecision::Seconds,
+                owners: false,
+                hard_links: false,
+                xattrs: false,
+                ..Capabilities::posix(false)
+            },
+            Profile::ObjectStoreLike => Capabilities {
+                atomic_replace: true,
+                rename: Rename::None,
+                server_copy: ServerCopy::WholeFile,
+                mtime: MtimePrecision::InMetadata,
+                modes: false,
+                owners: false,
+                symlinks: false,
+                hard_links: false,
+                directories: Directories::Implicit,
+                names: Names::Utf8,
+                xattrs: false,
+            },
+        }
+    }
 }
 
 /// A replica that lives in memory; see the module documentation for the rules it enforces.
 #[derive(Debug)]
 pub struct MemoryReplica {
     state: Mutex<State>,
+    caps: Capabilities,
     owners: bool,
     uid: u32,
     gid: u32,
+}
+
+/// The error a memory replica gives for an operation its profile does not have.
+fn unsupported() -> io::Error {
+    err(Errno::OPNOTSUPP)
 }
 
 fn err(e: Errno) -> io::Error {
@@ -119,14 +182,30 @@ impl State {
     }
 
     /// Sets the mtime of the directory holding `path` to now, as adding or removing an entry
-    /// does.
+    /// does (an implicit directory has no time to set).
     fn touch_parent(&mut self, path: &RelPath) {
         let Some(parent) = path.parent() else { return };
+        if self.caps.directories == Directories::Implicit {
+            return;
+        }
         let ctime = self.tick();
+        let caps = self.caps;
         if let Some(Node::Dir { meta, ctime: c, .. }) = self.nodes.get_mut(&parent) {
-            meta.mtime = Time::now();
+            let now = Meta {
+                mtime: Time::now(),
+                ..*meta
+            };
+            meta.mtime = caps.keep_meta(Kind::Dir, now).mtime;
             *c = ctime;
         }
+    }
+
+    /// A name the replica cannot hold fails as a filesystem refusing its encoding does.
+    fn check_name(&self, path: &RelPath) -> io::Result<()> {
+        if self.caps.names == Names::Utf8 && std::str::from_utf8(path.as_bytes()).is_err() {
+            return Err(err(Errno::ILSEQ));
+        }
+        Ok(())
     }
 
     /// Drops one link of a file node (the path must already be out of `nodes`).
@@ -202,22 +281,30 @@ impl State {
 }
 
 impl MemoryReplica {
-    /// An empty replica: only the root directory, mode 0o755. `owners` says whether `uid` and
-    /// `gid` of [`Meta`] are applied (as [`super::local::LocalReplica`] does only as root);
+    /// An empty POSIX replica: only the root directory, mode 0o755. `owners` says whether `uid`
+    /// and `gid` of [`Meta`] are applied (as [`super::local::LocalReplica`] does only as root);
     /// otherwise new nodes belong to the current process's user.
     pub fn new(owners: bool) -> MemoryReplica {
+        Self::with_profile(Profile::Posix, owners)
+    }
+
+    /// An empty replica that behaves as `profile` (`owners` as for [`Self::new`], where the
+    /// profile keeps owners at all).
+    pub fn with_profile(profile: Profile, owners: bool) -> MemoryReplica {
+        let caps = profile.capabilities(owners);
         let uid = rustix::process::geteuid().as_raw();
         let gid = rustix::process::getegid().as_raw();
+        let root_meta = Meta {
+            mode: 0o755,
+            mtime: Time::now(),
+            uid,
+            gid,
+        };
         let mut nodes = BTreeMap::new();
         nodes.insert(
             RelPath::root(),
             Node::Dir {
-                meta: Meta {
-                    mode: 0o755,
-                    mtime: Time::now(),
-                    uid,
-                    gid,
-                },
+                meta: caps.keep_meta(Kind::Dir, root_meta),
                 ino: 1,
                 ctime: Time { sec: 1, nsec: 0 },
             },
@@ -228,8 +315,10 @@ impl MemoryReplica {
                 files: HashMap::new(),
                 next_ino: 1,
                 clock: 0,
+                caps,
             }),
-            owners,
+            caps,
+            owners: caps.owners,
             uid,
             gid,
         }
@@ -241,10 +330,10 @@ impl MemoryReplica {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The metadata a new node gets: the wanted one, with the process's owner unless owners are
-    /// replicated.
-    fn new_meta(&self, meta: &Meta) -> Meta {
-        if self.owners {
+    /// The metadata a new node of `kind` gets: the wanted one as the profile keeps it, with the
+    /// process's owner unless owners are replicated.
+    fn new_meta(&self, kind: Kind, meta: &Meta) -> Meta {
+        let meta = if self.owners {
             *meta
         } else {
             Meta {
@@ -252,7 +341,8 @@ impl MemoryReplica {
                 gid: self.gid,
                 ..*meta
             }
-        }
+        };
+        self.caps.keep_meta(kind, meta)
     }
 
     /// The node at `path`, if any.
@@ -352,7 +442,7 @@ impl MemoryReplica {
             ino,
             FileInode {
                 data,
-                meta: self.new_meta(meta),
+                meta: self.new_meta(Kind::File, meta),
                 ctime,
                 nlink: 1,
             },
@@ -362,8 +452,16 @@ impl MemoryReplica {
 }
 
 impl Replica for MemoryReplica {
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
     fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()> {
         let mut st = self.lock();
+        if st.caps.rename == Rename::None {
+            return Err(err(Errno::XDEV));
+        }
+        st.check_name(to)?;
         if from.is_root() || to.is_root() {
             return Err(err(Errno::BUSY));
         }
@@ -441,6 +539,7 @@ impl Replica for MemoryReplica {
 
     fn mkdir(&self, path: &RelPath) -> io::Result<()> {
         let mut st = self.lock();
+        st.check_name(path)?;
         st.check_parent(path)?;
         match st.nodes.get(path) {
             Some(Node::Dir { .. }) => return Ok(()),
@@ -449,12 +548,15 @@ impl Replica for MemoryReplica {
         }
         let ino = st.new_ino();
         let ctime = st.tick();
-        let meta = Meta {
-            mode: 0o700,
-            mtime: Time::now(),
-            uid: self.uid,
-            gid: self.gid,
-        };
+        let meta = self.caps.keep_meta(
+            Kind::Dir,
+            Meta {
+                mode: 0o700,
+                mtime: Time::now(),
+                uid: self.uid,
+                gid: self.gid,
+            },
+        );
         st.nodes
             .insert(path.clone(), Node::Dir { meta, ino, ctime });
         st.touch_parent(path);
@@ -468,7 +570,11 @@ impl Replica for MemoryReplica {
         meta: &Meta,
         check: Check,
     ) -> io::Result<Written> {
-        self.lock().check_parent(path)?;
+        {
+            let st = self.lock();
+            st.check_name(path)?;
+            st.check_parent(path)?;
+        }
         let (buf, hash, len) = Self::take(data, check)?;
         self.put_file(path, buf, meta)?;
         let fp = self.stat_node(path)?;
@@ -482,8 +588,12 @@ impl Replica for MemoryReplica {
         meta: &Meta,
         check: Check,
     ) -> io::Result<Written> {
+        if self.caps.server_copy == ServerCopy::None {
+            return Err(unsupported());
+        }
         let data = {
             let st = self.lock();
+            st.check_name(to)?;
             st.check_parent(from)?;
             st.check_parent(to)?;
             match st.nodes.get(from) {
@@ -500,7 +610,11 @@ impl Replica for MemoryReplica {
     }
 
     fn symlink(&self, path: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()> {
+        if !self.caps.symlinks {
+            return Err(unsupported());
+        }
         let mut st = self.lock();
+        st.check_name(path)?;
         st.check_parent(path)?;
         if matches!(st.nodes.get(path), Some(Node::Dir { .. })) {
             return Err(err(Errno::ISDIR));
@@ -511,7 +625,7 @@ impl Replica for MemoryReplica {
             target: target.to_vec(),
             meta: Meta {
                 mode: 0o777,
-                ..self.new_meta(meta)
+                ..self.new_meta(Kind::Symlink, meta)
             },
             ino,
             ctime,
@@ -520,6 +634,10 @@ impl Replica for MemoryReplica {
     }
 
     fn hard_link(&self, leader: &RelPath, path: &RelPath) -> io::Result<Stamp> {
+        if !self.caps.hard_links {
+            return Err(unsupported());
+        }
+        self.lock().check_name(path)?;
         self.link_node(leader, path)?;
         self.stat_node(path)
     }
@@ -556,8 +674,12 @@ impl MemoryReplica {
     fn set_node_meta(&self, path: &RelPath, kind: Kind, meta: &Meta) -> io::Result<()> {
         let mut st = self.lock();
         st.check_parent(path)?;
+        if kind == Kind::Dir && self.caps.directories == Directories::Implicit {
+            return Err(unsupported());
+        }
         let ctime = st.tick();
         let owners = self.owners;
+        let meta = self.caps.keep_meta(kind, *meta);
         let apply = |m: &mut Meta, chmod: bool| {
             if owners {
                 m.uid = meta.uid;

@@ -9,9 +9,14 @@
 //!   temporary name in the target's directory, set its metadata, and link or rename it into
 //!   place: a reader or a crash sees the old node or the new one, never a partial one.
 //! - `mkdir` of an existing directory succeeds; `remove` of a missing node succeeds.
+//! - Each replica declares what it can do and keep ([`Replica::capabilities`], [`caps`]); an
+//!   operation it lacks (a rename on an object store) fails with an error of kind
+//!   [`crate::error::ErrorKind::Unsupported`], never a silent emulation, and the planner does
+//!   not plan it.
 //!
 //! The `conformance` module (cargo feature `conformance`) checks all of this against any implementation.
 
+pub mod caps;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod local;
@@ -20,6 +25,8 @@ pub mod probe;
 pub mod root;
 
 use std::io::{self, Read};
+
+pub use caps::Capabilities;
 
 use crate::entry::{Hash, Kind, Meta, RelPath, Stamp};
 
@@ -41,6 +48,10 @@ pub struct Written {
 }
 
 pub trait Replica: Sync {
+    /// What this replica can do and keep; the planner plans nothing else.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
     /// Runs `f`, during which operations on the calling thread may keep the last directory they
     /// opened for the next one. Only for writes of files: nothing may rename or remove a
     /// directory of the replica meanwhile.
