@@ -269,6 +269,9 @@ fn describe_problems(report: &mut Report, s: &Scanned) {
         let kind = ErrorKind::of(&p.error);
         report.scan_errors.push(PathError::new(path, kind, message));
     }
+    // Source nodes the replica cannot hold are problems of this pass too, counted alike.
+    let refused = report.plan.unsupported.clone();
+    report.scan_errors.extend(refused);
     report.skipped = s.src.specials.clone();
     report.files_hashed = s.src.hashed_files + s.dst.hashed_files;
     report.bytes_hashed = s.src.hashed_bytes + s.dst.hashed_bytes;

@@ -829,4 +829,61 @@ mod tests {
         let t = r.tree();
         assert_ne!(t[1].1.meta.mtime, meta(0, 3).mtime);
     }
+
+    #[test]
+    fn each_profile_refuses_what_it_cannot_do_and_keeps_what_it_keeps() {
+        let kind = |e: io::Error| crate::error::ErrorKind::of(&e);
+        let unsupported = crate::error::ErrorKind::Unsupported;
+        let sftp = MemoryReplica::with_profile(Profile::SftpLike, true);
+        write(&sftp, "a", b"x").unwrap();
+        assert_eq!(sftp.tree()[1].1.meta.mtime, Time { sec: 5, nsec: 0 });
+        assert_eq!(sftp.tree()[1].1.meta.mode, 0o644);
+        let fine = |_: &Hash, _: u64| Ok(());
+        let copy = sftp.copy_file(&p("a"), &p("b"), &meta(0o644, 5), &mut { fine });
+        assert_eq!(kind(copy.unwrap_err()), unsupported);
+        assert_eq!(
+            kind(sftp.hard_link(&p("a"), &p("c")).unwrap_err()),
+            unsupported
+        );
+        sftp.rename(&p("a"), &p("b")).unwrap();
+        sftp.symlink(&p("l"), b"b", &meta(0, 1)).unwrap();
+
+        let object = MemoryReplica::with_profile(Profile::ObjectStoreLike, true);
+        write(&object, "a", b"x").unwrap();
+        let a = object.tree()[1].1.meta;
+        assert_eq!((a.mode, a.mtime), (0o644, Time { sec: 5, nsec: 7 }));
+        assert_eq!(
+            kind(object.rename(&p("a"), &p("b")).unwrap_err()),
+            unsupported
+        );
+        object
+            .copy_file(&p("a"), &p("b"), &meta(0o600, 6), &mut { fine })
+            .unwrap();
+        assert_eq!(object.read(&p("b")).unwrap(), b"x");
+        assert_eq!(
+            kind(object.symlink(&p("l"), b"a", &meta(0, 1)).unwrap_err()),
+            unsupported
+        );
+        assert_eq!(
+            kind(object.hard_link(&p("a"), &p("c")).unwrap_err()),
+            unsupported
+        );
+        let bad = RelPath::from_bytes(b"\xff").unwrap();
+        assert_eq!(kind(object.mkdir(&bad).unwrap_err()), unsupported);
+        object.mkdir(&p("d")).unwrap();
+        write(&object, "d/f", b"y").unwrap();
+        let d = object.node(&p("d")).unwrap();
+        assert!(matches!(d, Node::Dir { meta, .. } if meta.mtime == Time::default()));
+        let set = object.set_meta(&p("d"), Kind::Dir, &meta(0o700, 9));
+        assert_eq!(kind(set.unwrap_err()), unsupported);
+        object
+            .set_meta(&p("b"), Kind::File, &meta(0o600, 9))
+            .unwrap();
+        assert_eq!(object.tree()[2].1.meta.mode, 0o644, "modes are not kept");
+        assert!(!object.capabilities().owners);
+        assert_eq!(
+            MemoryReplica::new(true).capabilities(),
+            Capabilities::posix(true)
+        );
+    }
 }
