@@ -15,16 +15,15 @@
 //!    touches is not staged: step 4 renames it straight from its source (one rename, one index
 //!    move).
 //! 2. `Remove`: every replica node that does not survive, children before parents (reverse
-//!    canonical order), except those step 5b removes. This also clears the way for type changes
+//!    canonical order), except the late ones of step 5. This also clears the way for type changes
 //!    and frees space first.
 //! 3. `Mkdir`: new directories, parents before children.
 //! 4. `Rename`: staged nodes into their final places (their parents exist now).
 //! 5. `Copy`: local copies from replica files that are stable or were just moved in, or, on a
-//!    replica without rename, from released files that step 5b removes.
-//! 5b. `Remove` (replicas without rename only): the released files step 5 copied from, and their
-//!    released ancestors, children first. Such a file is used only when the source has nothing
-//!    at its path and no ancestor of it becomes a file or symlink, so nothing in steps 2 to 5
-//!    needs its place, and nothing after needs it.
+//!    replica without rename, from released files; then (no rename only) the late `Remove`s:
+//!    the released files copied from and their released ancestors, children first. Such a file
+//!    is a copy source only when the source has nothing at its path and no ancestor of it
+//!    becomes a file or symlink, so nothing in steps 2 to 5 needs its place, and nothing after.
 //! 6. `Write` and `Symlink`: content from the source.
 //! 7. `Link`: hard links to files that are now in place.
 //! 8. `SetMeta`: metadata of moved or unchanged-content nodes, then of every directory whose
@@ -590,7 +589,7 @@ impl Planner<'_> {
     }
 
     /// On a replica without rename, whether the released file at `path` can stay in place until
-    /// the copies are done (step 5b): the source has nothing there and no ancestor of it
+    /// the copies are done (the late removals of step 5): the source has nothing there and no ancestor of it
     /// becomes a file or symlink, so no earlier step needs its place or its directory's.
     fn can_linger(&self, path: &RelPath) -> bool {
         if self.src_kind(path).is_some() {
@@ -734,7 +733,7 @@ impl Planner<'_> {
     }
 
     /// Phase 4, step 2: removes the released nodes that are neither moved nor replaced in place,
-    /// children first (reverse canonical order). Returns the removals of step 5b: the
+    /// children first (reverse canonical order). Returns the late removals of step 5: the
     /// `lingering` copy sources and their released ancestors.
     fn emit_remove(
         &self,
@@ -1862,12 +1861,11 @@ mod tests {
         );
     }
 
+    type Tree = Vec<(RelPath, Entry)>;
+
     /// The trees of a replica that keeps what `caps` says, holding `src` as written, and the
     /// source as scanned with nanosecond times and modes, compared as the replica keeps them.
-    fn kept_trees(
-        caps: &Capabilities,
-        src: Vec<(&str, Entry)>,
-    ) -> (Vec<(RelPath, Entry)>, Vec<(RelPath, Entry)>) {
+    fn kept_trees(caps: &Capabilities, src: Vec<(&str, Entry)>) -> (Tree, Tree) {
         let fs = caps.traits(crate::replica::probe::FsTraits::default());
         let mut as_held = src.clone();
         for (_, e) in &mut as_held {
