@@ -12,9 +12,9 @@
 //!   rewritten from the source ([`restore_from_source`]) or, if the source no longer has that
 //!   content, forgotten by the index so that the next sync replaces it. Either way an error is
 //!   logged; only the second is counted, since after the first the replica is right.
-//! - Source files are read for copying in one way only, [`SourceFile`]: beneath the held source
+//! - Source files are read for copying in one way only, [`Source::open`]: beneath the source
 //!   root, through no symlink in any component, only the node the scan saw at that path, and
-//!   between two `fstat`s that agree ([`StableRead`]). Nothing outside the source is ever read;
+//!   between two `fstat`s that agree ([`crate::scan::StableRead`]). Nothing outside the source is ever read;
 //!   a path that changed since the scan is reported and retried on the next pass.
 //! - Records are committed in batches (one durable redb commit per [`BATCH_OPS`] operations or
 //!   [`BATCH_TIME`]); a killed sync loses at most one batch of records, never replica state: the
@@ -22,21 +22,19 @@
 //! - The stop flag is checked between operations: an interrupted sync commits what it did.
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use crate::entry::{Content, Entry, Hash, Kind, Meta, RACY_WINDOW_NS, RelPath, Stamp, Time};
+use crate::entry::{Content, Entry, Hash, Kind, RACY_WINDOW_NS, RelPath, Stamp, Time};
 use crate::error::{ErrorKind, PathError, Result};
 use crate::event::{Event, Sink};
 use crate::index::{Index, Table, Update};
 use crate::plan::{Code, Op, Plan};
 use crate::replica::Replica;
-use crate::scan::{Root, StableRead, open_beneath};
-use rustix::fs::OFlags;
+use crate::source::{Changed, ChangedWhileCopied, Source, Vanished, is_changed, is_vanished};
 
 pub const BATCH_OPS: usize = 4096;
 pub const BATCH_TIME: Duration = Duration::from_secs(2);
@@ -178,7 +176,7 @@ pub fn written(src: &Entry, content: Content, fp: Stamp) -> Entry {
 struct Ctx<'a> {
     plan: &'a Plan,
     replica: &'a dyn Replica,
-    source: Root<'a>,
+    source: &'a dyn Source,
     /// Staging names whose `Stage` failed: their node never left its place.
     unstaged: std::sync::Mutex<std::collections::HashSet<RelPath>>,
     /// Directories whose `Mkdir` failed: nothing below them is attempted.
@@ -187,43 +185,6 @@ struct Ctx<'a> {
     any_no_dir: AtomicBool,
     /// Corrupt copy sources met by the last operation, for the apply loop to record and report.
     repairs: std::sync::Mutex<Vec<Repair>>,
-}
-
-/// A source file that is gone (or became a symlink) since the scan; the only error reported as
-/// "vanished from the source".
-#[derive(Debug)]
-struct Vanished;
-
-impl std::fmt::Display for Vanished {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("no longer in the source")
-    }
-}
-
-impl std::error::Error for Vanished {}
-
-fn is_vanished(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|x| x.is::<Vanished>())
-}
-
-/// A source path that holds another node than the scan saw there, or whose way now goes
-/// through a symlink or a non-directory: it is not read, and the next pass scans it again.
-#[derive(Debug)]
-struct Changed;
-
-impl std::fmt::Display for Changed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(
-            "another file, directory or symlink is at its path or on its way now; nothing was \
-             read from it",
-        )
-    }
-}
-
-impl std::error::Error for Changed {}
-
-fn is_changed(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|x| x.is::<Changed>())
 }
 
 /// The error for an operation below a directory that could not be created, and the kind of
@@ -242,19 +203,6 @@ impl std::fmt::Display for NoDir {
 }
 
 impl std::error::Error for NoDir {}
-
-/// A source file whose bytes or stat changed while it was copied: what was read is not put in
-/// place.
-#[derive(Debug)]
-struct ChangedWhileCopied;
-
-impl std::fmt::Display for ChangedWhileCopied {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("changed while it was being copied")
-    }
-}
-
-impl std::error::Error for ChangedWhileCopied {}
 
 /// The kind of an operation's error: dirsync's own payloads by what they mean, the rest by
 /// [`ErrorKind::of`].
@@ -507,7 +455,7 @@ impl Ctx<'_> {
 
     /// Copies a file from the source, hashing it on the way, and records both sides.
     fn write(&self, path: &RelPath, planned: &Entry) -> OpResult {
-        let file = SourceFile::open(self.source, path, planned.fp.node())?;
+        let file = self.source.open(path, planned.fp.node())?;
         // Metadata as the file is now: it may have changed since the scan.
         let mut src = planned.clone();
         src.meta = file.meta();
@@ -543,80 +491,6 @@ struct Repair {
     fixed: bool,
 }
 
-/// A regular file of the source opened for copying, read by the one stable-read protocol
-/// ([`StableRead`]). It is opened beneath the held source root, following no symlink in any
-/// component, never blocking on a FIFO that replaced it; and when the scan saw the path, the
-/// node opened must be the one it saw. So no byte from outside the source is ever read, however
-/// the source's directories are swapped meanwhile.
-pub struct SourceFile {
-    read: StableRead,
-}
-
-impl SourceFile {
-    /// Opens `path` beneath `source`. `scanned` is the (device, inode) the scan saw at `path`,
-    /// when it is known: another node there fails with `Changed`. A path that is no longer a
-    /// regular file is `NotFound` (`Vanished`); one whose way is now through a symlink or a
-    /// non-directory is `Changed`.
-    pub fn open(
-        source: Root,
-        path: &RelPath,
-        scanned: Option<(u64, u64)>,
-    ) -> io::Result<SourceFile> {
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-        let fd = open_beneath(source.fd, path, flags).map_err(|e| {
-            use rustix::io::Errno;
-            match e.raw_os_error().map(Errno::from_raw_os_error) {
-                _ if e.kind() == io::ErrorKind::NotFound => {
-                    io::Error::new(io::ErrorKind::NotFound, Vanished)
-                }
-                Some(Errno::LOOP | Errno::XDEV | Errno::NOTDIR) => io::Error::other(Changed),
-                _ => e,
-            }
-        })?;
-        let Some(read) = StableRead::start(File::from(fd))? else {
-            return Err(io::Error::new(io::ErrorKind::NotFound, Vanished));
-        };
-        if scanned.is_some_and(|node| node != read.node()) {
-            return Err(io::Error::other(Changed));
-        }
-        Ok(SourceFile { read })
-    }
-
-    pub fn meta(&self) -> Meta {
-        self.read.meta()
-    }
-
-    pub fn fingerprint(&self) -> Stamp {
-        self.read.fingerprint()
-    }
-
-    /// When the file was opened (what decides whether a hash of it is racily clean).
-    pub fn seen(&self) -> Time {
-        self.read.seen
-    }
-
-    pub fn len(&self) -> u64 {
-        self.read.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.read.is_empty()
-    }
-
-    /// Its bytes, up to the size `fstat` gave ([`StableRead::reader`]).
-    pub fn reader(&self) -> io::Take<&File> {
-        self.read.reader()
-    }
-
-    /// Succeeds only if the read of `n` bytes counts ([`StableRead::held_still`]).
-    pub fn check_unchanged(&self, n: u64) -> io::Result<()> {
-        if !self.read.held_still(n)? {
-            return Err(io::Error::other(ChangedWhileCopied));
-        }
-        Ok(())
-    }
-}
-
 /// Whether an error opening a source file means that the path no longer holds the regular file
 /// it held.
 fn gone_from_source(e: &io::Error) -> bool {
@@ -625,11 +499,11 @@ fn gone_from_source(e: &io::Error) -> bool {
 
 /// Whether the source's file at `path` holds the content `recorded` says, read as
 /// [`restore_from_source`] would read it. Writes nothing.
-pub fn source_has(source: Root, path: &RelPath, recorded: &Entry) -> io::Result<bool> {
+pub fn source_has(source: &dyn Source, path: &RelPath, recorded: &Entry) -> io::Result<bool> {
     let Some(want) = recorded.file_hash() else {
         return Ok(false);
     };
-    let file = match SourceFile::open(source, path, None) {
+    let file = match source.open(path, None) {
         Ok(f) => f,
         Err(e) if gone_from_source(&e) => return Ok(false),
         Err(e) => return Err(e),
@@ -648,14 +522,14 @@ pub fn source_has(source: Root, path: &RelPath, recorded: &Entry) -> io::Result<
 /// content (changed or gone); then nothing was written.
 pub fn restore_from_source(
     replica: &dyn Replica,
-    source: Root,
+    source: &dyn Source,
     path: &RelPath,
     recorded: &Entry,
 ) -> io::Result<Option<Entry>> {
     let Some(want) = recorded.file_hash() else {
         return Ok(None);
     };
-    let file = match SourceFile::open(source, path, None) {
+    let file = match source.open(path, None) {
         Ok(f) => f,
         Err(e) if gone_from_source(&e) => return Ok(None),
         Err(e) => return Err(e),
@@ -726,12 +600,12 @@ fn fault_kill_after() -> Option<u64> {
     None
 }
 
-/// Applies `plan` to `replica`, reading new content beneath the held `source` root. Each
-/// operation run is an [`Event::Applied`] or [`Event::Failed`] to `log`.
+/// Applies `plan` to `replica`, reading new content from `source`. Each operation run is an
+/// [`Event::Applied`] or [`Event::Failed`] to `log`.
 pub fn apply(
     plan: &Plan,
     replica: &dyn Replica,
-    source: Root,
+    source: &dyn Source,
     rec: &mut Recorder,
     log: &mut dyn Sink,
     stop: &AtomicBool,
@@ -958,7 +832,8 @@ mod tests {
     use crate::plan::plan;
     use crate::replica::Capabilities;
     use crate::replica::memory::MemoryReplica;
-    use crate::scan::{self, Side};
+    use crate::scan::{self, Root, Side};
+    use crate::source::{LocalFile, LocalSource, SourceFile};
     use std::os::fd::AsFd;
     use std::path::Path;
 
@@ -982,11 +857,19 @@ mod tests {
         let stop = AtomicBool::new(false);
         let mut rec = Recorder::new(index);
         let fd = scan::open_dir(src).unwrap();
-        let root = Root {
+        let source = LocalSource::new(Root {
             path: src,
             fd: fd.as_fd(),
-        };
-        apply(plan, mem, root, &mut rec, &mut crate::event::Discard, &stop).unwrap()
+        });
+        apply(
+            plan,
+            mem,
+            &source,
+            &mut rec,
+            &mut crate::event::Discard,
+            &stop,
+        )
+        .unwrap()
     }
 
     /// A source with `a`, synced into a memory replica; then `b`, a copy of `a`, is added, and
@@ -1009,13 +892,9 @@ mod tests {
     }
 
     /// Opens `rel` beneath `src` as a copy would, expecting the node `scanned`.
-    fn open_source(src: &Path, rel: &str, scanned: Option<(u64, u64)>) -> io::Result<SourceFile> {
+    fn open_source(src: &Path, rel: &str, scanned: Option<(u64, u64)>) -> io::Result<LocalFile> {
         let fd = scan::open_dir(src).unwrap();
-        let root = Root {
-            path: src,
-            fd: fd.as_fd(),
-        };
-        SourceFile::open(root, &p(rel), scanned)
+        LocalFile::open(fd.as_fd(), &p(rel), scanned)
     }
 
     fn node(path: &Path) -> (u64, u64) {

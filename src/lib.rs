@@ -21,6 +21,7 @@
 pub mod apply;
 pub mod config;
 pub mod diff;
+pub mod engine;
 pub mod entry;
 pub mod error;
 pub mod event;
@@ -33,6 +34,7 @@ pub mod plan;
 pub mod replica;
 pub mod report;
 pub mod scan;
+pub mod source;
 pub mod sync;
 pub mod verify;
 pub mod watch;

@@ -24,10 +24,11 @@ use crate::entry::{Content, Entry, Hash, RelPath};
 use crate::error::Result;
 use crate::event::{Event, PROGRESS_INTERVAL, Sink};
 use crate::index::{Cursor, Snapshot, Table};
-use crate::replica::Capabilities;
 use crate::replica::TMP_PREFIX;
 use crate::replica::probe::FsTraits;
-use crate::scan::{self, Root, Tree};
+use crate::replica::{Capabilities, Replica};
+use crate::scan::{self, Tree};
+use crate::source::Source;
 
 /// Entries per message from a walking thread.
 const BATCH: usize = 512;
@@ -162,15 +163,16 @@ fn prefix(h: &Hash) -> u32 {
     u32::from_le_bytes([h[0], h[1], h[2], h[3]])
 }
 
-/// Scans beneath the held roots `source` and `replica` (`None`: a replica that does not exist
-/// yet, which is empty) and merges them with the tables of `snapshot`. `fs` is what the
-/// replica's filesystem keeps (with the declared precision, [`Capabilities::traits`]) and
-/// `caps` what the replica declares: source entries are compared as it would keep them
-/// ([`Capabilities::keep`]), and a replica entry is racily clean for at least its timestamp
-/// grain. Tells `sink` now and then how many entries each walk has seen ([`Event::Scanned`]).
+/// Walks `source` and `replica` (`None`: a replica that does not exist yet, which is empty)
+/// through their traits, one thread each, and merges them with the tables of `snapshot`. `fs`
+/// is what the replica's filesystem keeps (with the declared precision,
+/// [`Capabilities::traits`]) and `caps` what the replica declares: source entries are compared
+/// as it would keep them ([`Capabilities::keep`]), and a replica entry is racily clean for at
+/// least its timestamp grain. Tells `sink` now and then how many entries each walk has seen
+/// ([`Event::Scanned`]).
 pub fn scan(
-    source: Root,
-    replica: Option<Root>,
+    source: &dyn Source,
+    replica: Option<&dyn Replica>,
     snapshot: &Snapshot,
     owners: bool,
     (fs, caps): (FsTraits, Capabilities),
@@ -181,27 +183,18 @@ pub fn scan(
     let (src_tx, src_rx) = sync_channel(DEPTH);
     let (dst_tx, dst_rx) = sync_channel(DEPTH);
     // The source walk never enters the replica (a mount can show it there).
-    let replica_id = replica
-        .and_then(|r| rustix::fs::fstat(r.fd).ok())
-        .map(|st| (st.st_dev, st.st_ino));
+    let avoid = replica.and_then(|r| r.identity());
+    let fold = fs.case_insensitive;
     std::thread::scope(|s| {
         let src = s.spawn(move || {
-            walk_side(
-                source,
-                scan::Side::Source,
-                src_cursor,
-                src_tx,
-                (fs, caps, replica_id),
-            )
+            let walk = |found: Found| source.walk(avoid, fold, found);
+            walk_side(walk, scan::Side::Source, src_cursor, src_tx, (fs, caps))
         });
         let dst = s.spawn(move || match replica {
-            Some(root) => walk_side(
-                root,
-                scan::Side::Replica,
-                dst_cursor,
-                dst_tx,
-                (fs, caps, None),
-            ),
+            Some(r) => {
+                let walk = |found: Found| r.walk(found);
+                walk_side(walk, scan::Side::Replica, dst_cursor, dst_tx, (fs, caps))
+            }
             None => missing_side(dst_cursor),
         });
         let progress = RefCell::new(Progress::new(sink));
@@ -225,14 +218,17 @@ pub fn scan(
 
 type Batch = Vec<(RelPath, Entry)>;
 
-/// Walks one tree, reusing recorded hashes whose fingerprint still matches, and sends the
-/// entries in batches. Returns what else the walk found and the stale records.
+/// Where a walk hands each entry it finds.
+type Found<'s> = &'s mut dyn FnMut(&scan::Windows, RelPath, Entry);
+
+/// Runs `walk` over one tree, reusing recorded hashes whose fingerprint still matches, and
+/// sends the entries in batches. Returns what else the walk found and the stale records.
 fn walk_side(
-    root: Root,
+    walk: impl FnOnce(Found) -> Tree,
     side: scan::Side,
     mut cursor: Cursor,
     tx: SyncSender<Batch>,
-    (fs, caps, avoid): (FsTraits, Capabilities, Option<(u64, u64)>),
+    (fs, caps): (FsTraits, Capabilities),
 ) -> Result<(Tree, Vec<(RelPath, Entry)>)> {
     let mut stale = Vec::new();
     let mut failed = None;
@@ -266,8 +262,7 @@ fn walk_side(
             batch.reserve(BATCH);
         }
     };
-    let fold = side == scan::Side::Source && fs.case_insensitive;
-    let tree = scan::walk_avoiding(root, side, (fold, avoid), &mut sink);
+    let tree = walk(&mut sink);
     if let Some(e) = failed {
         return Err(e);
     }

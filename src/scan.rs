@@ -146,8 +146,14 @@ pub fn walk(root: &Path, side: Side) -> Tree {
 
 /// [`walk`] beneath a held root.
 pub fn walk_in(root: Root, side: Side) -> Tree {
+    collect(|sink| walk_with(root, side, sink))
+}
+
+/// Runs a walk that hands its entries to a sink (such as [`walk_with`], `Replica::walk` or
+/// `Source::walk`) and collects them into the returned tree.
+pub fn collect(walk: impl FnOnce(&mut dyn FnMut(&Windows, RelPath, Entry)) -> Tree) -> Tree {
     let mut entries = Vec::new();
-    let mut tree = walk_with(root, side, &mut |_, path, e| entries.push((path, e)));
+    let mut tree = walk(&mut |_, path, e| entries.push((path, e)));
     debug_assert!(entries.windows(2).all(|p| p[0].0 < p[1].0));
     tree.entries = entries;
     tree
@@ -229,6 +235,13 @@ pub struct Windows {
 }
 
 impl Windows {
+    /// The windows of a tree that is not walked through a local filesystem (an in-memory or
+    /// remote backend): `root_ns` for entries of device `root_dev` with sub-second stamps, the
+    /// wide window for every other entry.
+    pub fn new(root_dev: u64, root_ns: i128) -> Windows {
+        Windows { root_dev, root_ns }
+    }
+
     pub fn for_entry(&self, e: &Entry) -> i128 {
         // Whole-second stamps (ext4 with 128-byte inodes says EXT4 too) are coarse whatever the
         // filesystem type: a fine clock gives both zero nanoseconds once in a billion.
@@ -413,12 +426,7 @@ impl Walker<'_> {
             }
             let st = &stats[item.stat as usize];
             if self.avoid == Some((st.st_dev, st.st_ino)) {
-                let e = io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "this is the replica, shown inside the source by a mount; it is not copied \
-                     into itself (unmount it, or mount it elsewhere)",
-                );
-                self.problem(child, e);
+                self.problem(child, replica_inside());
                 continue;
             }
             match self.open_subdir(dfd, &child) {
@@ -470,14 +478,9 @@ impl Walker<'_> {
         let mut clash: Vec<Vec<u8>> = clash.into_iter().collect();
         clash.sort();
         for name in clash {
-            let error = io::Error::new(
-                io::ErrorKind::Unsupported,
-                "another name in its directory differs from it only in case, which the \
-                 replica's filesystem does not tell apart; neither is replicated (rename one)",
-            );
             self.tree.problems.push(Problem {
                 path: rel.join(&name).to_path(self.root),
-                error,
+                error: case_clash(),
             });
             self.tree.unknown.push(rel.join(&name));
         }
@@ -514,6 +517,25 @@ impl Walker<'_> {
             _ => self.push(child, Content::Special, st, None),
         }
     }
+}
+
+/// The problem of a source directory that is the replica (see [`walk_avoiding`]).
+pub fn replica_inside() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "this is the replica, shown inside the source by a mount; it is not copied into itself \
+         (unmount it, or mount it elsewhere)",
+    )
+}
+
+/// The problem of a source name that another of its directory equals but for case (see
+/// [`walk_avoiding`]).
+pub fn case_clash() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "another name in its directory differs from it only in case, which the replica's \
+         filesystem does not tell apart; neither is replicated (rename one)",
+    )
 }
 
 fn io_err(e: rustix::io::Errno) -> io::Error {
@@ -557,12 +579,29 @@ fn hash_with(
     which: &[usize],
     open: &Opener,
 ) -> Vec<(RelPath, Entry)> {
+    hash_each(root, tree, which, &|path, e| hash_one(open(path), e))
+}
+
+/// Hashes one file of a tree: its entry as it is now, with the hash filled in (no hash if it
+/// did not hold still while it was read), and the bytes read; `None` if it vanished.
+pub type Hasher<'a> = dyn Fn(&RelPath, &Entry) -> HashResult + Sync + 'a;
+
+/// The bookkeeping of every hasher: runs `hash` on the files at `which` (indexes into
+/// `tree.entries`) in parallel, puts each new entry in the tree, drops vanished files, makes
+/// files that cannot be read unknown (problems named beneath `root`), counts what was read.
+/// Returns the entries that got a hash, for the index.
+pub fn hash_each(
+    root: &Path,
+    tree: &mut Tree,
+    which: &[usize],
+    hash: &Hasher,
+) -> Vec<(RelPath, Entry)> {
     let mut fresh = Vec::new();
     let results: Vec<(usize, HashResult)> = which
         .par_iter()
         .map(|&i| {
             let (path, e) = &tree.entries[i];
-            (i, hash_one(open(path), e))
+            (i, hash(path, e))
         })
         .collect();
     let mut drop_idx = Vec::new();
@@ -605,7 +644,7 @@ fn hash_with(
 }
 
 /// A file's entry with its hash and the bytes read, or `None` if it vanished.
-type HashResult = io::Result<Option<(Entry, u64)>>;
+pub type HashResult = io::Result<Option<(Entry, u64)>>;
 
 /// Reads one file and returns its entry with the hash filled in, or `None` if it vanished or
 /// stopped being a regular file. A file that did not hold still while it was read

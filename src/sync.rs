@@ -1,280 +1,43 @@
-//! The commands' engine: scan both trees, diff, plan, and (for `sync`) apply and record.
-//!
-//! Data flow of one pass:
-//! 1. Walk the source and the replica at the same time, one thread each, stat only, and stream
-//!    each side's recorded table alongside to reuse hashes whose fingerprint still matches;
-//!    keep only the paths that may differ ([`merge`]).
-//! 2. Hash the kept files whose hash is not cached and whose size some file on the other side
-//!    has (no other file can match them; the rest are hashed while they are copied).
-//! 3. Tree hashes of the kept parts, diff, plan; guard rails.
-//! 4. Record what the scans learned, apply the plan, record each finished operation.
+//! The commands' sessions around the pass ([`crate::engine`]): `status`, and `sync` through a
+//! [`Session`] that holds (and locks) the replica and the index across passes and sends each
+//! pass's events to its sinks. The one place where the configured roots become backends is
+//! here ([`source_backend`], [`replica_backend`]): today local directories; a remote replica
+//! plugs in there.
 
-use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::apply::{Outcome, Recorder, apply};
+pub use crate::engine::Report;
+pub use crate::event::human_bytes;
+
 use crate::config::Config;
-use crate::diff::{Change, diff};
-use crate::entry::{Hash, RelPath, shown};
-use crate::error::{Error, ErrorKind, PathError, Result};
-use crate::event::{Discard, Event, Fanout, Shortfall, Sink, Summary};
-use crate::hash::fill_tree_hashes;
-use crate::index::{FS_TRAITS, Index, ReadIndex, Roots, Snapshot, Table, Update};
-use crate::merge;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::event::{Event, Fanout, Sink};
+use crate::index::{FS_TRAITS, Index, ReadIndex, Roots};
 use crate::oplog::OpLog;
-use crate::plan::{Code, Draft, Plan, plan_with};
-use crate::replica::Capabilities;
+use crate::replica::Replica;
 use crate::replica::local::LocalReplica;
 use crate::replica::probe::{self, FsTraits};
 use crate::replica::root::ReplicaRoot;
-use crate::scan::{self, Root, Tree};
+use crate::scan::{self, Root};
+use crate::source::{LocalSource, Source};
 
-/// What one pass found and did.
-#[derive(Debug, Default)]
-pub struct Report {
-    pub plan: Plan,
-    pub outcome: Outcome,
-    /// Problems met while scanning (unreadable paths), each with the full path.
-    pub scan_errors: Vec<PathError>,
-    /// Special files in the source that were skipped.
-    pub skipped: Vec<RelPath>,
-    pub files_hashed: u64,
-    pub bytes_hashed: u64,
-    pub elapsed: Duration,
-    /// Why a sync would refuse to apply this plan (a guard rail); set by [`status`] only, as
-    /// `sync` returns the refusal as its error.
-    pub refused: Option<String>,
-    /// The pass changed nothing and failed exactly as the session's pass before it did.
-    pub repeated: bool,
-}
-
-impl Report {
-    pub fn error_count(&self) -> usize {
-        self.scan_errors.len() + self.outcome.errors.len()
-    }
-
-    /// True for a pass that found nothing to do and had nothing to report.
-    pub fn is_idle(&self) -> bool {
-        self.plan.ops.is_empty()
-            && self.plan.items.is_empty()
-            && self.error_count() == 0
-            && !self.outcome.interrupted
-            && !self.outcome.halted()
-    }
-
-    /// The pass as counts: what was done, not what was planned; a run that stopped early says
-    /// how many planned changes it did not make, and why.
-    pub fn totals(&self) -> Summary {
-        let (done, o) = (&self.outcome.done, &self.outcome);
-        let planned = self.plan.items.len() as u64;
-        let not_made = planned.saturating_sub(done.total());
-        let shortfall = (not_made > 0).then_some(if o.interrupted {
-            Shortfall::Interrupted
-        } else if o.disk_full {
-            Shortfall::ReplicaFull
-        } else if o.read_only {
-            Shortfall::ReplicaReadOnly
-        } else if o.index_full {
-            Shortfall::IndexFull
-        } else {
-            Shortfall::Errors
-        });
-        Summary {
-            created: done.get(Code::Add),
-            modified: done.get(Code::Modify),
-            type_changed: done.get(Code::Type),
-            deleted: done.get(Code::Delete),
-            moved: done.get(Code::Move),
-            copied: done.get(Code::Copy),
-            metadata: done.get(Code::Meta),
-            bytes_written: o.bytes_written,
-            errors: self.error_count() as u64,
-            planned,
-            not_made,
-            shortfall,
-            interrupted: o.interrupted,
-            elapsed: self.elapsed,
-        }
-    }
-
-    /// The one-line summary printed after a sync and logged ([`Summary::line`]).
-    pub fn summary(&self) -> String {
-        self.totals().line()
-    }
-}
-
-pub use crate::event::human_bytes;
-
-/// Both trees of one pass, as far as the plan needs them (see [`merge`]).
-struct Scanned {
-    src: Tree,
-    dst: Tree,
-    /// How many paths each walk saw.
-    src_seen: usize,
-    dst_seen: usize,
-    contents: merge::Contents,
-    /// Recorded replica paths that the walk did not find as files.
-    dst_stale: HashSet<RelPath>,
-}
-
-/// What the replica can do and keep: the local replica's declaration (the one backend a path
-/// names today).
-fn replica_caps(cfg: &Config) -> Capabilities {
-    LocalReplica::capabilities_for(cfg.owners)
-}
-
-/// Scans both trees beneath their held roots (see [`merge::scan`]; `None`: the replica does not
-/// exist yet), then hashes what must be hashed. Returns the kept parts of the trees and what
-/// the index should learn from the scan. `probed` is what the replica's filesystem was found
-/// to keep; source entries are compared as the replica keeps them ([`Capabilities::keep`]).
-/// `sink` hears the scan's progress.
-fn scan_both(
-    cfg: &Config,
-    snapshot: &Snapshot,
-    (source, replica): (Root, Option<Root>),
-    probed: FsTraits,
-    sink: &mut dyn Sink,
-) -> Result<(Scanned, Vec<Update>)> {
-    let t = Instant::now();
-    let caps = replica_caps(cfg);
-    let fs = caps.traits(probed);
-    let merge::Merged { src, dst, contents } =
-        merge::scan(source, replica, snapshot, caps.owners, (fs, caps), sink)?;
-    sink.event(&Event::Scanned {
-        source: src.seen as u64,
-        replica: dst.seen as u64,
-    });
-    let (mut src_tree, mut dst_tree) = (src.tree, dst.tree);
-    let src_moved = scan::reuse_by_inode(&mut src_tree, &src.stale);
-    let dst_moved = scan::reuse_by_inode(&mut dst_tree, &dst.stale);
-    log::debug!("walked both trees in {:?}", t.elapsed());
-    // Every unhashed file is kept by the merge; it needs a hash now only if some file on the
-    // other side has its size (otherwise it is hashed while it is copied).
-    let need = |t: &Tree, other: &merge::Sizes| -> Vec<usize> {
-        t.unhashed()
-            .filter(|&i| other.contains(t.entries[i].1.size()))
-            .collect()
+/// The source of a pass of `cfg`: the source root held (and checked) by the caller as `fd`.
+pub fn source_backend<'a>(cfg: &'a Config, fd: BorrowedFd<'a>) -> Box<dyn Source + 'a> {
+    let root = Root {
+        path: &cfg.roots.source,
+        fd,
     };
-    let src_need = need(&src_tree, &dst.sizes);
-    let dst_need = need(&dst_tree, &src.sizes);
-    let src_fresh = scan::hash_files_in(source, &mut src_tree, &src_need);
-    // Hashing took the files' metadata afresh (and dropped files that vanished): compare it as
-    // the replica keeps it, as the merge did.
-    if fs.mtime_grain_ns > 1 || caps != Capabilities::posix(caps.owners) {
-        for (_, e) in &mut src_tree.entries {
-            caps.keep(e, &fs);
-        }
-    }
-    let dst_fresh = match replica {
-        Some(root) => scan::hash_files_in(root, &mut dst_tree, &dst_need),
-        None => Vec::new(),
-    };
-    let dst_stale = dst.stale.iter().map(|(p, _)| p.clone()).collect();
-    let mut learned = Vec::new();
-    for (table, tree, stale, fresh) in [
-        (Table::Source, &src_tree, src.stale, [src_moved, src_fresh]),
-        (Table::Replica, &dst_tree, dst.stale, [dst_moved, dst_fresh]),
-    ] {
-        // Paths below an unreadable directory were not seen, not removed.
-        let stale = stale.into_iter().filter(|(p, _)| !tree.is_unknown(p));
-        learned.extend(stale.map(|(p, _)| Update::Forget(table, p)));
-        let fresh = fresh.into_iter().flatten();
-        learned.extend(fresh.map(|(p, e)| Update::Put(table, p, e)));
-    }
-    log::debug!("hashed in {:?}", t.elapsed());
-    rayon::join(
-        || fill_tree_hashes(&mut src_tree.entries, caps.owners),
-        || fill_tree_hashes(&mut dst_tree.entries, caps.owners),
-    );
-    let scanned = Scanned {
-        src: src_tree,
-        dst: dst_tree,
-        src_seen: src.seen,
-        dst_seen: dst.seen,
-        contents,
-        dst_stale,
-    };
-    Ok((scanned, learned))
+    Box::new(LocalSource::new(root))
 }
 
-/// Diffs the kept trees and plans. Replica files that the merge dropped as unchanged can still
-/// be copy sources: a wanted content that no kept replica file has is looked up in what the
-/// merge remembers of them, and when that cannot tell (a small file), in the recorded replica
-/// table. The plan takes the kept source tree, whose entries its operations refer to.
-fn make_plan(cfg: &Config, s: &mut Scanned, snapshot: &Snapshot) -> Result<Plan> {
-    let plan = draft_plan(cfg, s, snapshot)?;
-    Ok(plan.with_source(std::mem::take(&mut s.src.entries)))
-}
-
-fn draft_plan(cfg: &Config, s: &Scanned, snapshot: &Snapshot) -> Result<Draft> {
-    let caps = replica_caps(cfg);
-    // Unknown on either side (unreadable, or a mount inside the replica): left as it is.
-    let changes = diff(&s.src.entries, &s.dst.entries, caps.owners, &|p| {
-        s.src.is_unknown(p) || s.dst.is_unknown(p)
-    });
-    let kept_hashes: HashSet<Hash> = s
-        .dst
-        .entries
-        .iter()
-        .filter_map(|(_, e)| e.file_hash())
-        .collect();
-    let mut copy_sources = Vec::new();
-    let mut unknown = HashSet::new();
-    for c in &changes {
-        let (Change::Add { src, .. } | Change::Modify { src, .. } | Change::Type { src, .. }) = c
-        else {
-            continue;
-        };
-        let (Some(h), None) = (src.file_hash(), &src.link) else {
-            continue;
-        };
-        // An empty file is as quick to write as to copy.
-        if src.size() == 0 || kept_hashes.contains(&h) {
-            continue;
-        }
-        match s.contents.lookup(&h, src.size()) {
-            merge::Lookup::Found(found) => copy_sources.push(found.clone()),
-            merge::Lookup::Unknown => {
-                unknown.insert(h);
-            }
-            merge::Lookup::Absent => {}
-        }
-    }
-    if !unknown.is_empty() {
-        for (path, e) in snapshot.files_with_hashes(Table::Replica, &unknown)? {
-            if s.dst.get(&path).is_none() && !s.dst_stale.contains(&path) {
-                copy_sources.push((path, e));
-            }
-        }
-    }
-    Ok(plan_with(
-        &changes,
-        &s.src.entries,
-        &s.dst.entries,
-        &copy_sources,
-        &caps,
-    ))
-}
-
-fn describe_problems(report: &mut Report, s: &Scanned) {
-    for p in s.src.problems.iter().chain(&s.dst.problems) {
-        let path = shown(&p.path).to_string();
-        let message = format!(
-            "cannot read {path}: {}; it is left as it was in the replica",
-            p.error
-        );
-        let kind = ErrorKind::of(&p.error);
-        report.scan_errors.push(PathError::new(path, kind, message));
-    }
-    // Source nodes the replica cannot hold are problems of this pass too, counted alike.
-    let refused = report.plan.unsupported.clone();
-    report.scan_errors.extend(refused);
-    report.skipped = s.src.specials.clone();
-    report.files_hashed = s.src.hashed_files + s.dst.hashed_files;
-    report.bytes_hashed = s.src.hashed_bytes + s.dst.hashed_bytes;
+/// The replica of a pass of `cfg`, beneath the root the command holds (and, to write, locks).
+pub fn replica_backend(cfg: &Config, held: &ReplicaRoot) -> Result<Box<dyn Replica>> {
+    let replica = LocalReplica::held(held, cfg.owners).map_err(|e| Error::io(held.path(), e))?;
+    Ok(Box::new(replica))
 }
 
 /// `status` and `sync --dry-run`: what a sync would do, and whether its guard rails would
@@ -307,18 +70,12 @@ pub fn status(cfg: &Config) -> Result<Report> {
     if let Some(r) = &replica {
         cfg.roots.check_replica(r.fd())?;
     }
-    let roots = (
-        source_root(cfg, source.as_fd()),
-        replica.as_ref().map(replica_root),
-    );
-    let (mut s, _) = scan_both(cfg, &snapshot, roots, fs, &mut Discard)?;
-    let plan = make_plan(cfg, &mut s, &snapshot)?;
-    let mut report = Report {
-        refused: guard_rails(cfg, &s, &plan),
-        plan,
-        ..Report::default()
-    };
-    describe_problems(&mut report, &s);
+    let src = source_backend(cfg, source.as_fd());
+    let dst = replica
+        .as_ref()
+        .map(|r| replica_backend(cfg, r))
+        .transpose()?;
+    let mut report = Engine::new(cfg, &*src, dst.as_deref(), fs).status(&snapshot)?;
     report.elapsed = start.elapsed();
     Ok(report)
 }
@@ -351,20 +108,6 @@ pub(crate) fn open_source(path: &Path) -> Result<OwnedFd> {
         },
         _ => Error::io(path, e),
     })
-}
-
-fn source_root<'a>(cfg: &'a Config, fd: BorrowedFd<'a>) -> Root<'a> {
-    Root {
-        path: &cfg.roots.source,
-        fd,
-    }
-}
-
-fn replica_root(root: &ReplicaRoot) -> Root<'_> {
-    Root {
-        path: root.path(),
-        fd: root.fd(),
-    }
 }
 
 /// Takes the replica's lock on its held root, or says who has it.
@@ -540,40 +283,13 @@ impl Session {
         let cfg = &self.cfg;
         let held = self.root.as_ref().expect("held above");
         let fs = self.replica_fs(held)?;
-        let snapshot = self.index.snapshot()?;
-        let roots = (source_root(cfg, source), Some(replica_root(held)));
-        let mut chain = Chain(&mut self.log, &mut self.sinks);
-        let (mut s, learned) = scan_both(cfg, &snapshot, roots, fs, &mut chain)?;
-        log::debug!("scanned in {:?}", start.elapsed());
-        let plan = make_plan(cfg, &mut s, &snapshot)?;
-        // Pages the snapshot still sees cannot be reused by the commits below.
-        drop(snapshot);
-        // The plan holds what it needs of the replica tree.
-        s.dst.entries = Vec::new();
-        log::debug!("planned in {:?}", start.elapsed());
-        if let Some(msg) = guard_rails(cfg, &s, &plan) {
-            return Err(Error::Refused { msg });
-        }
-
-        let mut rec = Recorder::new(Some(&self.index));
-        for u in learned {
-            rec.push(u);
-        }
-        log::debug!("scan recorded in {:?}", start.elapsed());
-        let fd = held.try_clone().map_err(|e| Error::io(held.path(), e))?;
-        let replica = LocalReplica::with_root(fd, cfg.owners);
-        chain.event(&Event::Planned {
-            ops: plan.ops.len() as u64,
-            bytes: plan.bytes_to_copy,
-        });
-        let root = source_root(cfg, source);
-        let outcome = apply(&plan, &replica, root, &mut rec, &mut chain, stop)?;
-        let mut report = Report {
-            plan,
-            outcome,
-            ..Report::default()
+        let mut report = {
+            let src = source_backend(cfg, source);
+            let dst = replica_backend(cfg, held)?;
+            let mut chain = Chain(&mut self.log, &mut self.sinks);
+            let engine = Engine::new(cfg, &*src, Some(&*dst), fs);
+            engine.sync(&self.index, &mut chain, stop)?
         };
-        describe_problems(&mut report, &s);
         report.elapsed = start.elapsed();
         self.finish_pass(&mut report);
         Ok(report)
@@ -610,36 +326,4 @@ impl Session {
             self.sinks.event(&end);
         }
     }
-}
-
-fn guard_rails(cfg: &Config, s: &Scanned, plan: &Plan) -> Option<String> {
-    // A source root that vanished while it was opened is not an empty source, whatever the
-    // flags. (One that cannot be read is unknown: nothing below it is touched.)
-    if s.src_seen == 0 && s.src.unknown.is_empty() {
-        return Some(format!(
-            "source {} cannot be read (gone while it was scanned?); nothing was changed",
-            cfg.roots.source.display()
-        ));
-    }
-    let src_empty = s.src_seen <= 1 && s.src.unknown.is_empty();
-    let dst_files = s.dst_seen.saturating_sub(1);
-    if src_empty && dst_files > 0 && !cfg.allow_empty_source {
-        return Some(format!(
-            "source {} is empty but replica {} holds {dst_files} entries; refusing to delete them all \
-             (an unmounted disk looks like this); pass --allow-empty-source if this is intended",
-            cfg.roots.source.display(),
-            cfg.roots.replica.display()
-        ));
-    }
-    if let Some(max) = cfg.max_delete {
-        let n = plan.removals();
-        if n > max {
-            return Some(format!(
-                "this sync would delete {n} entries from replica {}, more than --max-delete {max}; \
-                 nothing was changed; check the source, or raise the limit",
-                cfg.roots.replica.display()
-            ));
-        }
-    }
-    None
 }

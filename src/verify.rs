@@ -17,12 +17,12 @@
 //! - A dry run reads the source the same way, and exits as the repair would.
 //! - The source is read only beneath its root, opened once (following no symlink on its
 //!   canonical path) and held while the repair runs; no component of a path inside it is
-//!   followed through a symlink ([`SourceFile`](crate::apply::SourceFile)).
+//!   followed through a symlink ([`Source::open`]).
+//! - The replica is walked, hashed and rewritten through the [`Replica`] trait only.
 
 use std::collections::HashSet;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::apply::{restore_from_source, source_has, written};
@@ -31,10 +31,11 @@ use crate::entry::{Content, Entry, Kind, Meta, RelPath};
 use crate::error::{Error, ErrorKind, PathError, Result};
 use crate::index::{Index, ReadIndex, Roots, Table, Update};
 use crate::oplog::OpLog;
-use crate::replica::Replica;
-use crate::replica::local::LocalReplica;
 use crate::replica::root::ReplicaRoot;
-use crate::scan::{self, Root, Side, Tree};
+use crate::replica::{self, Replica};
+use crate::scan::Tree;
+use crate::source::Source;
+use crate::sync::{replica_backend, source_backend};
 
 /// What `verify` does about the differences it finds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,10 +210,7 @@ pub fn verify(cfg: &Config, mode: Repair, stop: &AtomicBool) -> Result<Verified>
         }
     };
     cfg.roots.check_replica(held.fd())?;
-    let root = Root {
-        path: dst,
-        fd: held.fd(),
-    };
+    let replica = replica_backend(cfg, &held)?;
     let roots = Roots {
         source: src,
         replica: dst,
@@ -227,11 +225,11 @@ pub fn verify(cfg: &Config, mode: Repair, stop: &AtomicBool) -> Result<Verified>
     };
     if mode != Repair::Yes {
         let index = ReadIndex::open_existing(&cfg.index, &roots)?.ok_or_else(no_index)?;
-        let tree = walk_hashed(root);
+        let tree = walk_hashed(&*replica);
         let mut v = compare(&tree, index.load(Table::Replica)?);
         if mode == Repair::DryRun && !v.differences.is_empty() {
             match crate::sync::open_source(src) {
-                Ok(fd) => dry_run(&mut v, source_root(src, &fd)),
+                Ok(fd) => dry_run(&mut v, &*source_backend(cfg, fd.as_fd())),
                 Err(e) => unrepairable(&mut v, &e, None),
             }
         }
@@ -240,29 +238,19 @@ pub fn verify(cfg: &Config, mode: Repair, stop: &AtomicBool) -> Result<Verified>
     // A repair writes: one writer per replica, as for a sync.
     crate::sync::lock(&held)?;
     let index = Index::open_existing(&cfg.index, &roots)?.ok_or_else(no_index)?;
-    let tree = walk_hashed(root);
+    let tree = walk_hashed(&*replica);
     let mut v = compare(&tree, index.load(Table::Replica)?);
     if !v.differences.is_empty() {
-        let fd = held.try_clone().map_err(|e| Error::io(dst, e))?;
-        let replica = LocalReplica::with_root(fd, cfg.owners);
         let mut log = OpLog::open(cfg.log_file.as_deref())?;
         match crate::sync::open_source(src) {
             Ok(fd) => {
-                let source = source_root(src, &fd);
-                repair(&mut v, &tree, &replica, source, &index, &mut log, stop);
+                let source = source_backend(cfg, fd.as_fd());
+                repair(&mut v, &tree, &*replica, &*source, &index, &mut log, stop);
             }
             Err(e) => unrepairable(&mut v, &e, Some(&mut log)),
         }
     }
     Ok(v)
-}
-
-/// The source root held for reading repairs beneath it.
-fn source_root<'a>(path: &'a Path, fd: &'a OwnedFd) -> Root<'a> {
-    Root {
-        path,
-        fd: fd.as_fd(),
-    }
 }
 
 /// No difference can be repaired: the source root cannot be opened (`why`). With `log`, the
@@ -282,11 +270,11 @@ fn unrepairable(v: &mut Verified, why: &Error, mut log: Option<&mut OpLog>) {
     }
 }
 
-/// The whole replica tree beneath its held root, with every file read and hashed.
-fn walk_hashed(root: Root) -> Tree {
-    let mut tree = scan::walk_in(root, Side::Replica);
+/// The whole replica tree, with every file read and hashed.
+fn walk_hashed(replica: &dyn Replica) -> Tree {
+    let mut tree = replica::walk_all(replica);
     let all: Vec<usize> = tree.unhashed().collect();
-    scan::hash_files_in(root, &mut tree, &all);
+    replica.hash(&mut tree, &all);
     tree
 }
 
@@ -360,7 +348,7 @@ fn with_leader_hashes(mut recorded: Vec<(RelPath, Entry)>) -> Vec<(RelPath, Entr
 }
 
 /// `--repair --dry-run`: whether the source still has the content of each difference.
-pub fn dry_run(v: &mut Verified, source: Root) {
+pub fn dry_run(v: &mut Verified, source: &dyn Source) {
     for d in &mut v.differences {
         d.fix = match source_has(source, &d.path, &d.recorded) {
             Ok(true) => Fix::WouldRepair,
@@ -380,7 +368,7 @@ pub fn repair(
     v: &mut Verified,
     tree: &Tree,
     replica: &dyn Replica,
-    source: Root,
+    source: &dyn Source,
     index: &Index,
     log: &mut OpLog,
     stop: &AtomicBool,
@@ -430,7 +418,7 @@ fn repair_one(
     d: &Difference,
     tree: &Tree,
     replica: &dyn Replica,
-    source: Root,
+    source: &dyn Source,
     repaired: &HashSet<RelPath>,
     created: &mut Vec<RelPath>,
 ) -> io::Result<Option<Entry>> {
@@ -468,27 +456,6 @@ fn missing_parents(path: &RelPath, tree: &Tree, created: &[RelPath]) -> Vec<RelP
     out
 }
 
-/// The metadata of the source directory `d`, stat'ed beneath the held source root.
-fn source_dir_meta(source: Root, d: &RelPath) -> io::Result<Meta> {
-    use rustix::fs::OFlags;
-    let st = if d.is_root() {
-        rustix::fs::fstat(source.fd)?
-    } else {
-        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let fd = scan::open_beneath(source.fd, d, flags).map_err(|e| {
-            use rustix::io::Errno;
-            match e.raw_os_error().map(Errno::from_raw_os_error) {
-                Some(Errno::NOTDIR | Errno::LOOP) => {
-                    io::Error::other("not a directory in the source")
-                }
-                _ => e,
-            }
-        })?;
-        rustix::fs::fstat(&fd)?
-    };
-    Ok(Meta::of(&st))
-}
-
 /// Gives each directory in `dirs` its metadata back, children first: the replica's own, as
 /// walked, or the source directory's for those created by the repair. Returns the failures.
 fn restore_dirs(
@@ -496,7 +463,7 @@ fn restore_dirs(
     created: &[RelPath],
     tree: &Tree,
     replica: &dyn Replica,
-    source: Root,
+    source: &dyn Source,
 ) -> Vec<PathError> {
     dirs.sort_unstable_by(|a, b| b.cmp(a));
     dirs.dedup();
@@ -504,7 +471,7 @@ fn restore_dirs(
     for d in dirs {
         let meta: io::Result<Meta> = match tree.get(&d) {
             Some(e) if e.is_dir() && !created.contains(&d) => Ok(e.meta),
-            _ => source_dir_meta(source, &d),
+            _ => source.dir_meta(&d),
         };
         if let Err(e) = meta.and_then(|m| replica.set_meta(&d, Kind::Dir, &m)) {
             let message = format!(

@@ -11,19 +11,22 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 
 use super::{Capabilities, Check, Replica, TMP_PREFIX, Written};
-use crate::entry::{Hash, Kind, Meta, RelPath, Stamp, Time};
+use crate::entry::{Entry, Hash, Kind, Meta, RelPath, Stamp, Time};
 use crate::hash;
+use crate::scan::{Tree, Windows};
 
 /// A replica rooted at a directory that exists.
 pub struct LocalReplica {
     root: OwnedFd,
+    /// Names the root in messages; never opened again.
+    path: PathBuf,
     /// Tells this replica's batch apart from another's on the same thread.
     id: u64,
     /// Who owns a file this process creates (when the directory's group is `egid` too).
@@ -109,7 +112,26 @@ impl LocalReplica {
             Mode::empty(),
         )
         .map_err(io_err)?;
-        Ok(Self::with_root(fd, owners))
+        Ok(Self::with_root(fd, owners).named(root))
+    }
+
+    /// A replica beneath the root the command holds (and has locked, for a writer).
+    pub fn held(root: &super::root::ReplicaRoot, owners: bool) -> io::Result<LocalReplica> {
+        Ok(Self::with_root(root.try_clone()?, owners).named(root.path()))
+    }
+
+    /// Names the root in the messages of a walk or a hash (the path is never opened).
+    pub fn named(mut self, path: &Path) -> LocalReplica {
+        self.path = path.to_path_buf();
+        self
+    }
+
+    /// The held root, for the walk and the hasher.
+    fn scan_root(&self) -> crate::scan::Root<'_> {
+        crate::scan::Root {
+            path: &self.path,
+            fd: self.root.as_fd(),
+        }
     }
 
     /// A replica beneath the held root directory `root`: every operation resolves beneath it,
@@ -124,6 +146,7 @@ impl LocalReplica {
     pub fn with_root(root: OwnedFd, owners: bool) -> LocalReplica {
         LocalReplica {
             root,
+            path: PathBuf::new(),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             euid: rustix::process::geteuid().as_raw(),
             egid: rustix::process::getegid().as_raw(),
@@ -641,6 +664,27 @@ impl Replica for LocalReplica {
         let (d, name) = self.parent(path)?;
         let st = rfs::statat(&d, os(&name), AtFlags::SYMLINK_NOFOLLOW).map_err(io_err)?;
         Ok(Stamp::of(&st))
+    }
+
+    fn walk(&self, sink: &mut dyn FnMut(&Windows, RelPath, Entry)) -> Tree {
+        crate::scan::walk_with(self.scan_root(), crate::scan::Side::Replica, sink)
+    }
+
+    fn hash(&self, tree: &mut Tree, which: &[usize]) -> Vec<(RelPath, Entry)> {
+        crate::scan::hash_files_in(self.scan_root(), tree, which)
+    }
+
+    fn open(&self, path: &RelPath) -> io::Result<Box<dyn Read + Send + '_>> {
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let file = File::from(crate::scan::open_beneath(self.root.as_fd(), path, flags)?);
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::other("not a regular file in the replica"));
+        }
+        Ok(Box::new(file))
+    }
+
+    fn identity(&self) -> Option<(u64, u64)> {
+        rfs::fstat(&self.root).ok().map(|st| (st.st_dev, st.st_ino))
     }
 }
 

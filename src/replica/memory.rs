@@ -24,8 +24,9 @@
 //!
 //! Temporary names are not needed: every write is put in place in one step under the lock.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read};
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
 use rustix::io::Errno;
@@ -34,9 +35,14 @@ use super::caps::{Capabilities, Directories, MtimePrecision, Names, Rename, Serv
 use super::{Check, Replica, Written};
 use crate::entry::{Content, Entry, Hash, Kind, Meta, RelPath, Stamp, Time};
 use crate::hash;
+use crate::scan::{self, Tree, Windows};
+use crate::source::{self, Source, SourceFile};
 
 /// The device number every node of a memory replica reports.
 pub const DEV: u64 = 0x6d656d;
+
+/// What names a memory tree in messages: a problem at `d/f` is `memory:/d/f`.
+const NAME: &str = "memory:";
 
 /// One node of the tree. Files are inodes in a separate table so that hard links share them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -172,6 +178,23 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// The paths whose name another name of their directory equals but for case.
+    fn case_clashes(&self) -> Vec<RelPath> {
+        let mut by_dir: HashMap<RelPath, Vec<&RelPath>> = HashMap::new();
+        for path in self.nodes.keys() {
+            if let Some(parent) = path.parent() {
+                by_dir.entry(parent).or_default().push(path);
+            }
+        }
+        let mut out = Vec::new();
+        for children in by_dir.into_values() {
+            let names: Vec<&[u8]> = children.iter().map(|p| p.name()).collect();
+            let clash = crate::replica::probe::case_collisions(&names);
+            out.extend(clash.into_iter().map(|k| children[k].clone()));
+        }
+        out
     }
 
     fn has_children(&self, path: &RelPath) -> bool {
@@ -376,19 +399,32 @@ impl MemoryReplica {
     /// their paths. Directory tree hashes are left unknown (see
     /// [`crate::hash::fill_tree_hashes`]).
     pub fn tree(&self) -> Vec<(RelPath, Entry)> {
+        self.listing(true, &HashSet::new())
+    }
+
+    /// Every node not at or below a path of `held_back`, as an entry, in canonical order (the
+    /// map's): stat only unless `hashed`, when every file gets its content hash.
+    fn listing(&self, hashed: bool, held_back: &HashSet<RelPath>) -> Vec<(RelPath, Entry)> {
         let st = self.lock();
         let seen = Time::now();
         let mut leaders: HashMap<u64, RelPath> = HashMap::new();
         let mut out = Vec::with_capacity(st.nodes.len());
         for (path, node) in &st.nodes {
+            if held_back
+                .iter()
+                .any(|b| b == path || b.is_ancestor_of(path))
+            {
+                continue;
+            }
             let fp = st.fingerprint(node);
             let (content, meta, link) = match node {
                 Node::Dir { meta, .. } => (Content::Dir { tree: None }, *meta, None),
                 Node::File { ino } => {
                     let f = &st.files[ino];
-                    let content = Content::File {
-                        size: f.data.len() as u64,
-                        hash: Some(*blake3::hash(&f.data).as_bytes()),
+                    let size = f.data.len() as u64;
+                    let hash = match hashed {
+                        true => Some(*blake3::hash(&f.data).as_bytes()),
+                        false => (size == 0).then(hash::empty_hash),
                     };
                     let link = match leaders.get(ino) {
                         Some(leader) => Some(leader.clone()),
@@ -397,7 +433,7 @@ impl MemoryReplica {
                             None
                         }
                     };
-                    (content, f.meta, link)
+                    (Content::File { size, hash }, f.meta, link)
                 }
                 Node::Symlink { target, meta, .. } => (
                     Content::Symlink {
@@ -407,18 +443,98 @@ impl MemoryReplica {
                     None,
                 ),
             };
-            out.push((
-                path.clone(),
-                Entry {
-                    content,
-                    meta,
-                    fp,
-                    seen,
-                    link,
-                },
-            ));
+            let entry = Entry {
+                content,
+                meta,
+                fp,
+                seen,
+                link,
+            };
+            out.push((path.clone(), entry));
         }
         out
+    }
+
+    /// A walk of the map for [`Replica::walk`] and [`Source::walk`]: on the source side,
+    /// directories that are `avoid` and names that equal another of their directory but for
+    /// case (with `fold_case`) are held back as problems and unknown, as the local walk does.
+    fn walk_map(
+        &self,
+        (avoid, fold_case): (Option<(u64, u64)>, bool),
+        sink: &mut dyn FnMut(&Windows, RelPath, Entry),
+    ) -> Tree {
+        let mut tree = Tree {
+            windows: Windows::new(DEV, crate::entry::RACY_WINDOW_FINE_NS),
+            ..Tree::default()
+        };
+        let mut held_back: Vec<(RelPath, io::Error)> = Vec::new();
+        {
+            let st = self.lock();
+            if fold_case {
+                held_back.extend(
+                    st.case_clashes()
+                        .into_iter()
+                        .map(|p| (p, scan::case_clash())),
+                );
+            }
+            for (path, node) in &st.nodes {
+                if let (Node::Dir { ino, .. }, false) = (node, path.is_root())
+                    && avoid == Some((DEV, *ino))
+                {
+                    held_back.push((path.clone(), scan::replica_inside()));
+                }
+            }
+        }
+        held_back.sort_by(|a, b| a.0.cmp(&b.0));
+        let skip: HashSet<RelPath> = held_back.iter().map(|(p, _)| p.clone()).collect();
+        for (path, e) in self.listing(false, &skip) {
+            sink(&tree.windows, path, e);
+        }
+        for (path, error) in held_back {
+            tree.problems.push(scan::Problem {
+                path: path.to_path(Path::new(NAME)),
+                error,
+            });
+            tree.unknown.push(path);
+        }
+        tree
+    }
+
+    /// Hashes the file at `path` as it is now, for [`scan::hash_each`]; `None` when it is no
+    /// longer a file.
+    fn hash_node(&self, path: &RelPath, old: &Entry) -> scan::HashResult {
+        let st = self.lock();
+        let Some(node @ Node::File { ino }) = st.nodes.get(path) else {
+            return Ok(None);
+        };
+        let f = &st.files[ino];
+        let n = f.data.len() as u64;
+        let e = Entry {
+            content: Content::File {
+                size: n,
+                hash: Some(*blake3::hash(&f.data).as_bytes()),
+            },
+            meta: f.meta,
+            fp: st.fingerprint(node),
+            seen: Time::now(),
+            link: old.link.clone(),
+        };
+        Ok(Some((e, n)))
+    }
+
+    /// The bytes and stat of the regular file at `path`, looked up as the local backends open a
+    /// file: a symlink or a non-directory on the way is `ELOOP` or `ENOTDIR`.
+    fn file_at(&self, path: &RelPath) -> io::Result<(Vec<u8>, Meta, Stamp)> {
+        let st = self.lock();
+        st.check_parent(path)?;
+        match st.nodes.get(path) {
+            Some(node @ Node::File { ino }) => {
+                let f = &st.files[ino];
+                Ok((f.data.clone(), f.meta, st.fingerprint(node)))
+            }
+            Some(_) => Err(io::Error::other("not a regular file")),
+            None => Err(err(Errno::NOENT)),
+        }
     }
 
     /// Reads all of `data`, hashing it, and lets `check` decide.
@@ -648,6 +764,111 @@ impl Replica for MemoryReplica {
 
     fn stat(&self, path: &RelPath) -> io::Result<Stamp> {
         self.stat_node(path)
+    }
+
+    fn walk(&self, sink: &mut dyn FnMut(&Windows, RelPath, Entry)) -> Tree {
+        self.walk_map((None, false), sink)
+    }
+
+    fn hash(&self, tree: &mut Tree, which: &[usize]) -> Vec<(RelPath, Entry)> {
+        scan::hash_each(Path::new(NAME), tree, which, &|p, e| self.hash_node(p, e))
+    }
+
+    fn open(&self, path: &RelPath) -> io::Result<Box<dyn Read + Send + '_>> {
+        let (data, _, _) = self.file_at(path)?;
+        Ok(Box::new(io::Cursor::new(data)))
+    }
+
+    /// No local source can show a tree in memory.
+    fn identity(&self) -> Option<(u64, u64)> {
+        None
+    }
+}
+
+/// A memory tree as the source of a pass: the same map, read as a local source is read.
+impl Source for MemoryReplica {
+    fn walk(
+        &self,
+        avoid: Option<(u64, u64)>,
+        fold_case: bool,
+        sink: &mut dyn FnMut(&Windows, RelPath, Entry),
+    ) -> Tree {
+        self.walk_map((avoid, fold_case), sink)
+    }
+
+    fn hash(&self, tree: &mut Tree, which: &[usize]) -> Vec<(RelPath, Entry)> {
+        Replica::hash(self, tree, which)
+    }
+
+    fn open(
+        &self,
+        path: &RelPath,
+        node: Option<(u64, u64)>,
+    ) -> io::Result<Box<dyn SourceFile + '_>> {
+        let (data, meta, fp) = self.file_at(path).map_err(|e| {
+            match e.raw_os_error().map(Errno::from_raw_os_error) {
+                Some(Errno::LOOP | Errno::NOTDIR) => source::changed(),
+                _ => source::vanished(),
+            }
+        })?;
+        if node.is_some_and(|n| Some(n) != fp.node()) {
+            return Err(source::changed());
+        }
+        let seen = Time::now();
+        Ok(Box::new(MemoryFile {
+            data,
+            meta,
+            fp,
+            seen,
+        }))
+    }
+
+    fn dir_meta(&self, path: &RelPath) -> io::Result<Meta> {
+        let st = self.lock();
+        st.check_parent(path)?;
+        match st.nodes.get(path) {
+            Some(Node::Dir { meta, .. }) => Ok(*meta),
+            Some(_) => Err(io::Error::other("not a directory in the source")),
+            None => Err(err(Errno::NOENT)),
+        }
+    }
+}
+
+/// A file of a memory source opened for copying: its bytes as they were when it was opened,
+/// so the read always holds still.
+struct MemoryFile {
+    data: Vec<u8>,
+    meta: Meta,
+    fp: Stamp,
+    seen: Time,
+}
+
+impl SourceFile for MemoryFile {
+    fn meta(&self) -> Meta {
+        self.meta
+    }
+
+    fn fingerprint(&self) -> Stamp {
+        self.fp
+    }
+
+    fn seen(&self) -> Time {
+        self.seen
+    }
+
+    fn len(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn reader(&self) -> Box<dyn Read + Send + '_> {
+        Box::new(&self.data[..])
+    }
+
+    fn check_unchanged(&self, n: u64) -> io::Result<()> {
+        match n == self.len() {
+            true => Ok(()),
+            false => Err(io::Error::other(source::ChangedWhileCopied)),
+        }
     }
 }
 

@@ -14,6 +14,17 @@
 //!   [`crate::error::ErrorKind::Unsupported`], never a silent emulation, and the planner does
 //!   not plan it.
 //!
+//! The pass reads the replica through the trait too ([`Replica::walk`], [`Replica::hash`],
+//! [`Replica::open`], [`Replica::identity`]):
+//! - `walk` hands every node below the root to its sink once, in canonical order (the root
+//!   first), stat only: a file's hash is unknown unless it is empty. Special files are listed
+//!   (so that they get removed). It never follows a symlink and never leaves the root; a local
+//!   replica never enters another filesystem mounted inside it (a problem, unknown). A path
+//!   that cannot be read is a problem and unknown: nothing at or below it is written.
+//! - `hash` reads files by the stable-read protocol: a file that does not hold still while it
+//!   is read gets no hash, one that vanished is dropped.
+//! - `open` reads a file's current bytes, beneath the root, through no symlink.
+//!
 //! The `conformance` module (cargo feature `conformance`) checks all of this against any implementation.
 
 pub mod caps;
@@ -28,7 +39,8 @@ use std::io::{self, Read};
 
 pub use caps::Capabilities;
 
-use crate::entry::{Hash, Kind, Meta, RelPath, Stamp};
+use crate::entry::{Entry, Hash, Kind, Meta, RelPath, Stamp};
+use crate::scan::{Tree, Windows};
 
 /// Name prefix of every temporary node dirsync creates inside the replica: staged moves, files
 /// being built, the filesystem probe. Such a name at the replica root is always kept in the
@@ -89,4 +101,24 @@ pub trait Replica: Sync {
     fn set_meta(&self, path: &RelPath, kind: Kind, meta: &Meta) -> io::Result<()>;
     /// The node's stamp, without following a symlink.
     fn stat(&self, path: &RelPath) -> io::Result<Stamp>;
+
+    /// Walks the whole replica (see the module documentation), handing each entry to `sink`
+    /// with the racy windows of the tree as soon as it is known; the returned tree has no
+    /// entries, only what else the walk found (problems, unknown paths).
+    fn walk(&self, sink: &mut dyn FnMut(&Windows, RelPath, Entry)) -> Tree;
+    /// Hashes the files at `which` (indexes into `tree.entries`): each entry is replaced by the
+    /// file as it is now, with its hash (none if it did not hold still); a file that vanished
+    /// is dropped, one that cannot be read becomes unknown. Returns the entries that got a hash.
+    fn hash(&self, tree: &mut Tree, which: &[usize]) -> Vec<(RelPath, Entry)>;
+    /// Opens the regular file at `path` to read its bytes as they are now.
+    fn open(&self, path: &RelPath) -> io::Result<Box<dyn Read + Send + '_>>;
+    /// The (device, inode) of the replica root when it is a directory a local source could
+    /// contain (a mount can show it there): the source walk never enters it. `None` for a
+    /// replica no local tree can show.
+    fn identity(&self) -> Option<(u64, u64)>;
+}
+
+/// The whole replica as [`Replica::walk`] sees it, collected into a tree.
+pub fn walk_all(replica: &dyn Replica) -> Tree {
+    crate::scan::collect(|sink| replica.walk(sink))
 }
