@@ -921,9 +921,7 @@ mod tests {
         std::fs::rename(src.join("d"), src.join("d.old")).unwrap();
         std::os::unix::fs::symlink(&outside, src.join("d")).unwrap();
         for expect in [Some(scanned), None] {
-            let e = open_source(&src, "d/f", expect)
-                .err()
-                .expect("read through the symlink");
+            let e = open_source(&src, "d/f", expect).expect_err("read through the symlink");
             assert!(is_changed(&e), "{e}");
             assert!(gone_from_source(&e));
             assert_eq!(kind_of(&e), ErrorKind::ChangedWhileRead);
@@ -990,7 +988,7 @@ mod tests {
 
         // A file gone since the scan is still "vanished".
         std::fs::remove_file(src.join("a/f")).unwrap();
-        let e = open_source(src, "a/f", None).err().expect("gone");
+        let e = open_source(src, "a/f", None).expect_err("gone");
         assert!(is_vanished(&e), "{e}");
         assert_eq!(kind_of(&e), ErrorKind::NotFound);
     }
