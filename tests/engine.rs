@@ -344,7 +344,7 @@ fn a_memory_source_holds_back_names_equal_but_for_case_and_the_avoided_directory
 fn a_memory_source_file_replaced_since_the_scan_is_not_read() {
     let mem = memory_source();
     let fp = mem.stat(&p("a/x")).unwrap();
-    let scanned = (fp.dev, fp.ino);
+    let scanned = fp.node().expect("a memory file has an inode");
     let file = Source::open(&mem, &p("a/x"), Some(scanned)).unwrap();
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut file.reader(), &mut bytes).unwrap();
@@ -361,4 +361,60 @@ fn a_memory_source_file_replaced_since_the_scan_is_not_read() {
     mem.symlink(&p("via"), b"a", &meta(0o777, 1)).unwrap();
     let e = Source::open(&mem, &p("via/x"), None).err().unwrap();
     assert!(dirsync::source::is_changed(&e), "{e}");
+}
+
+/// The real pass into a memory replica of each profile (local POSIX, SFTP-like,
+/// object-store-like): every file lands with its bytes, what the profile cannot hold is
+/// reported as unsupported (nothing else fails), and the next passes settle to idle.
+#[test]
+fn the_real_pass_settles_into_a_memory_replica_of_every_profile() {
+    use dirsync::error::ErrorKind;
+    use dirsync::replica::memory::Profile;
+    for profile in [Profile::Posix, Profile::SftpLike, Profile::ObjectStoreLike] {
+        let fx = Fixture::default();
+        local_source(&fx.src);
+        local_link(&fx.src);
+        let cfg = fx.config();
+        let index = index_for(&cfg);
+        let fd = scan::open_root(&cfg.roots.source).unwrap();
+        let source = LocalSource::new(Root {
+            path: &cfg.roots.source,
+            fd: fd.as_fd(),
+        });
+        let mem = MemoryReplica::with_profile(profile, false);
+        let pass = || {
+            let engine = Engine::new(&cfg, &source, Some(&mem), FsTraits::default());
+            let stop = AtomicBool::new(false);
+            let report = engine.sync(&index, &mut OpLog::default(), &stop).unwrap();
+            let errors = report.outcome.errors.iter().chain(&report.scan_errors);
+            for e in errors {
+                assert_eq!(e.kind, ErrorKind::Unsupported, "{profile:?}: {e}");
+            }
+            report
+        };
+        let first = pass();
+        assert!(first.outcome.done.total() > 0, "{profile:?}");
+        for f in ["a/b/deep", "a/x", "a/x2", "a-b/y", "a.c", "empty", "big"] {
+            let want = std::fs::read(fx.src.join(f)).unwrap();
+            assert_eq!(mem.read(&p(f)).as_ref(), Some(&want), "{profile:?}: {f}");
+        }
+        past_racy_window();
+        let again = pass();
+        assert!(
+            again.plan.ops.is_empty(),
+            "{profile:?}: {:#?}",
+            again.plan.ops
+        );
+        past_racy_window();
+        let idle = pass();
+        assert!(
+            idle.plan.ops.is_empty(),
+            "{profile:?}: {:#?}",
+            idle.plan.ops
+        );
+        assert_eq!(
+            idle.files_hashed, 0,
+            "{profile:?}: the pass read files again"
+        );
+    }
 }

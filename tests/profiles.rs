@@ -233,14 +233,14 @@ fn memory_sync(src: &Path, mem: &MemoryReplica, stop_after: Option<usize>) -> Re
         plan.ops.truncate(n);
     }
     let fd = scan::open_dir(src).map_err(|e| format!("cannot open {}: {e}", src.display()))?;
-    let root = scan::Root {
+    let source = dirsync::source::LocalSource::new(scan::Root {
         path: src,
         fd: std::os::fd::AsFd::as_fd(&fd),
-    };
+    });
     let outcome = apply(
         &plan,
         mem,
-        root,
+        &source,
         &mut Recorder::new(None),
         &mut OpLog::default(),
         &AtomicBool::new(false),
