@@ -79,11 +79,8 @@ fn an_unreadable_source_directory_is_permission_denied_in_status_json() {
     write(&fx.src.join("secret/x"), "x");
     chown_tree(&fx.root);
     set_mode(&fx.src.join("secret"), 0o000);
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "env"])
-        .arg(format!("XDG_STATE_HOME={}", fx.state.display()))
-        .arg(format!("HOME={}", fx.home.display()))
-        .arg(dirsync_bin())
+    let out = fx
+        .nobody_cmd()
         .args(["status".as_ref(), "--json".as_ref(), fx.src.as_os_str()])
         .arg(&fx.dst)
         .output()

@@ -22,20 +22,6 @@ const CHILD_ROOT: &str = "DIRSYNC_EVENTS_CHILD_ROOT";
 /// What a sink heard, shared with the test.
 type Heard = Arc<Mutex<Vec<Recorded>>>;
 
-/// A library configuration for the fixture trees below `root` (as `Fixture::config`).
-fn config_at(root: &Path) -> dirsync::config::Config {
-    dirsync::config::Config {
-        index: root.join("index.redb"),
-        roots: dirsync::config::resolve_roots(&root.join("src"), &root.join("dst")).unwrap(),
-        log_file: None,
-        reindex: false,
-        allow_empty_source: false,
-        max_delete: None,
-        owners: false,
-        interval: Duration::ZERO,
-    }
-}
-
 /// One pass over the trees below `root` through the library, with a sink that records every
 /// event (after `extra`, which may act on them).
 fn pass_heard(
@@ -312,11 +298,7 @@ fn sync_json_lists_each_error_with_its_path_and_kind_and_the_exit_status() {
     let args = ["sync", "--json"];
     let out = if is_root() {
         chown_tree(&fx.root);
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "env"])
-            .arg(format!("XDG_STATE_HOME={}", fx.state.display()))
-            .arg(format!("HOME={}", fx.home.display()))
-            .arg(dirsync_bin())
+        fx.nobody_cmd()
             .args(args)
             .args([&fx.src, &fx.dst])
             .output()

@@ -20,14 +20,7 @@ fn as_nobody(fx: &Fixture, args: &[&std::ffi::OsStr]) -> Option<std::process::Ou
     if !is_root() {
         return None;
     }
-    Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "env"])
-        .arg(format!("XDG_STATE_HOME={}", fx.state.display()))
-        .arg(format!("HOME={}", fx.home.display()))
-        .arg(dirsync_bin())
-        .args(args)
-        .output()
-        .ok()
+    fx.nobody_cmd().args(args).output().ok()
 }
 
 fn text(b: &[u8]) -> String {

@@ -524,20 +524,36 @@ pub fn chown_tree(root: &Path) {
     }
 }
 
+/// A library configuration for the trees `root/src` and `root/dst`, with its index in `root`.
+pub fn config_at(root: &Path) -> dirsync::config::Config {
+    dirsync::config::Config {
+        index: root.join("index.redb"),
+        roots: dirsync::config::resolve_roots(&root.join("src"), &root.join("dst")).unwrap(),
+        log_file: None,
+        reindex: false,
+        allow_empty_source: false,
+        max_delete: None,
+        owners: false,
+        interval: Duration::ZERO,
+    }
+}
+
 impl Fixture {
     /// A library configuration for this fixture's trees, with its index in the fixture, for
     /// tests that drive a `Session` directly.
     pub fn config(&self) -> dirsync::config::Config {
-        dirsync::config::Config {
-            index: self.root.join("index.redb"),
-            roots: dirsync::config::resolve_roots(&self.src, &self.dst).unwrap(),
-            log_file: None,
-            reindex: false,
-            allow_empty_source: false,
-            max_delete: None,
-            owners: false,
-            interval: Duration::ZERO,
-        }
+        config_at(&self.root)
+    }
+
+    /// `dirsync` run as `nobody` through `setpriv`, with this fixture's state dir and `HOME`
+    /// (the caller gives the fixture to `nobody` first, e.g. with [`chown_tree`]).
+    pub fn nobody_cmd(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "env"])
+            .arg(format!("XDG_STATE_HOME={}", self.state.display()))
+            .arg(format!("HOME={}", self.home.display()))
+            .arg(dirsync_bin());
+        cmd
     }
 
     /// `dirsync` with this fixture's private state dir and `HOME`.
