@@ -156,13 +156,21 @@ impl<'a> Recorder<'a> {
 }
 
 /// A replica entry for a node dirsync has just written and then stat'ed: its content is known by
-/// construction, not from a read that could race a writer, so it is not racily clean.
+/// construction, not from a read that could race a writer. With a POSIX stamp that makes it
+/// not racily clean: any later change moves the ctime past what was stat'ed. A seconds stamp
+/// has no ctime, and a change by someone else within the same second as the mtime dirsync set
+/// leaves it as it was: such an entry is as racy as the time it was stat'ed says (now).
 pub fn written(src: &Entry, content: Content, fp: Stamp) -> Entry {
-    // An object stamp has no time and is never racy: any `seen` will do.
-    let changed = fp.changed_ns().unwrap_or(0) + RACY_WINDOW_NS + 1;
-    let seen = Time {
-        sec: (changed / 1_000_000_000) as i64,
-        nsec: (changed % 1_000_000_000) as u32,
+    let seen = match fp {
+        Stamp::Seconds { .. } => Time::now(),
+        // An object stamp has no time and is never racy: any `seen` will do.
+        Stamp::Posix { .. } | Stamp::Object { .. } => {
+            let changed = fp.changed_ns().unwrap_or(0) + RACY_WINDOW_NS + 1;
+            Time {
+                sec: (changed / 1_000_000_000) as i64,
+                nsec: (changed % 1_000_000_000) as u32,
+            }
+        }
     };
     Entry {
         content,
@@ -185,6 +193,18 @@ struct Ctx<'a> {
     any_no_dir: AtomicBool,
     /// Corrupt copy sources met by the last operation, for the apply loop to record and report.
     repairs: std::sync::Mutex<Vec<Repair>>,
+    /// The hard-link leaders of the plan's `Link` operations, each with what writing it in this
+    /// pass learned (`None` until it is written): the links record the same content.
+    leaders: std::sync::Mutex<std::collections::HashMap<RelPath, Option<Learned>>>,
+}
+
+/// What writing a leader learned: its content, and the source node read with the time it was
+/// stat'ed.
+#[derive(Clone)]
+struct Learned {
+    content: Content,
+    source_fp: Stamp,
+    seen: Time,
 }
 
 /// The error for an operation below a directory that could not be created, and the kind of
@@ -324,16 +344,8 @@ impl Ctx<'_> {
             Op::Link {
                 leader, path, src, ..
             } => {
-                let src = self.plan.entry(*src);
                 let fp = r.hard_link(leader, path)?;
-                Ok((
-                    vec![Update::Put(
-                        Table::Replica,
-                        path.clone(),
-                        written(src, src.content.clone(), fp),
-                    )],
-                    0,
-                ))
+                Ok((self.linked(leader, path, self.plan.entry(*src), fp), 0))
             }
             Op::SetMeta { path, src } => {
                 let src = self.plan.entry(*src);
@@ -453,6 +465,42 @@ impl Ctx<'_> {
         })
     }
 
+    /// The records of a hard link just made at `path` to `leader`, whose shared inode now has
+    /// the stamp `fp`. The content is the planned one, or what writing the leader in this pass
+    /// learned. Linking changed the inode's ctime, so the leader's record is renewed too, and
+    /// the source's link is recorded as read when the leader was, if it is that same node.
+    fn linked(&self, leader: &RelPath, path: &RelPath, src: &Entry, fp: Stamp) -> Vec<Update> {
+        let learned = self
+            .leaders
+            .lock()
+            .expect("not poisoned")
+            .get(leader)
+            .cloned();
+        let learned = learned.flatten();
+        let content = match (&learned, src.file_hash()) {
+            (Some(l), None) => l.content.clone(),
+            _ => src.content.clone(),
+        };
+        let link = written(src, content.clone(), fp);
+        let mut updates = vec![Update::Put(Table::Replica, path.clone(), link.clone())];
+        if src.file_hash().is_some() || learned.is_some() {
+            let lead = Entry { link: None, ..link };
+            updates.push(Update::Put(Table::Replica, leader.clone(), lead));
+        }
+        if let Some(l) = learned
+            && src.file_hash().is_none()
+            && l.source_fp == src.fp
+        {
+            let source = Entry {
+                content,
+                seen: l.seen,
+                ..src.clone()
+            };
+            updates.push(Update::Put(Table::Source, path.clone(), source));
+        }
+        updates
+    }
+
     /// Copies a file from the source, hashing it on the way, and records both sides.
     fn write(&self, path: &RelPath, planned: &Entry) -> OpResult {
         let file = self.source.open(path, planned.fp.node())?;
@@ -476,6 +524,13 @@ impl Ctx<'_> {
         src.content = content;
         src.fp = file.fingerprint();
         src.seen = file.seen();
+        if let Some(l) = self.leaders.lock().expect("not poisoned").get_mut(path) {
+            *l = Some(Learned {
+                content: src.content.clone(),
+                source_fp: src.fp,
+                seen: src.seen,
+            });
+        }
         updates.push(Update::Put(Table::Source, path.clone(), src));
         Ok((updates, n))
     }
@@ -618,6 +673,15 @@ pub fn apply(
         no_dirs: Default::default(),
         any_no_dir: AtomicBool::new(false),
         repairs: Default::default(),
+        leaders: std::sync::Mutex::new(
+            plan.ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Link { leader, .. } => Some((leader.clone(), None)),
+                    _ => None,
+                })
+                .collect(),
+        ),
     };
     let kill_after = fault_kill_after();
     let changes = Changes::of(plan);

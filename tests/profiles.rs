@@ -1,36 +1,36 @@
 //! Model tests of declared capabilities: random sequences of edits to a source tree, each
-//! followed by a pass (walk, hash, diff, plan, apply) into a [`MemoryReplica`] in each
-//! [`Profile`] (POSIX, SFTP-like, object-store-like), which refuses every operation its
-//! profile lacks. After every pass the replica must mirror the source as the profile keeps
-//! things (times to its precision, modes and owners only where kept, no symlinks or non-UTF-8
-//! names where refused, hard links only where it has them), a second pass must plan nothing,
-//! and an object-store plan must never stage, rename or hard-link.
+//! followed by the real pass (`engine::Engine` with an index in a temporary file, see
+//! `tests/pass`) into a [`MemoryReplica`] in each [`Profile`] (POSIX, SFTP-like,
+//! object-store-like), which refuses every operation its profile lacks and shows its backend's
+//! stamps (POSIX, whole seconds, ETags). After every pass the replica must mirror the source as
+//! the profile keeps things (times to its precision, modes and owners only where kept, no
+//! symlinks or non-UTF-8 names where refused, hard links only where it has them), a second pass
+//! must plan nothing, and a plan must never hold what the profile lacks (no stage, rename or
+//! hard link on an object store, no copy on SFTP). After the final pass, whose source was left
+//! alone past the racy window, a third pass reads no file (but whole-second stamps still
+//! within their racy window).
 //!
 //! Budget: `DIRSYNC_MODEL_CASES=N` cases per profile (default [`DEFAULT_CASES`]).
 
 mod common;
+mod pass;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 use common::*;
-use dirsync::apply::{Recorder, apply};
-use dirsync::diff::diff;
-use dirsync::entry::{Content, Meta, RelPath};
-use dirsync::hash::fill_tree_hashes;
-use dirsync::oplog::OpLog;
-use dirsync::plan::{Op as PlanOp, Plan, plan};
+use dirsync::entry::{Content, Entry, Kind, Meta, RACY_WINDOW_NS, RelPath, Stamp, Time};
+use dirsync::error::ErrorKind;
+use dirsync::plan::{Op as PlanOp, Plan};
 use dirsync::replica::Capabilities;
 use dirsync::replica::Replica;
 use dirsync::replica::caps::{MtimePrecision, Names, ServerCopy};
 use dirsync::replica::memory::{MemoryReplica, Profile};
-use dirsync::replica::probe::FsTraits;
-use dirsync::scan::{self, Side};
+use pass::{Pair, past_racy_window};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 
@@ -192,64 +192,34 @@ fn edit(src: &Path, e: &Edit) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// One pass, as `tests/model.rs` drives it
+// One real pass, as `tests/model.rs` drives it
 // ---------------------------------------------------------------------------------------------
 
-/// Plans a pass from `src` into `mem`: both trees, hashes where sizes match, source entries as
-/// the replica keeps them, diff, plan.
-fn memory_plan(src: &Path, mem: &MemoryReplica) -> Plan {
+/// A real pass of `pair` into `mem` (stopped after `stop_after` operations) that plans only
+/// what the profile can do and fails at no path (a source node the replica cannot hold is
+/// reported as unsupported, and nothing else); after a whole pass, what the module doc says.
+/// With `settled` (the source was left alone past the racy window before this pass) a third
+/// pass reads no file, but one whose whole-second stamp is still racy.
+fn memory_sync(
+    pair: &Pair,
+    src: &Path,
+    mem: &MemoryReplica,
+    stop_after: Option<usize>,
+    settled: bool,
+) -> Result<(), String> {
     let caps = mem.capabilities();
-    let mut tree = scan::walk(src, Side::Source);
-    assert!(tree.problems.is_empty(), "scanning: {:?}", tree.problems);
-    let mut dst = mem.tree();
-    let sizes: HashSet<u64> = dst
+    let started = Time::now();
+    let report = pair.sync(mem, stop_after.map(|n| n as u64))?;
+    let plan = &report.plan;
+    check_ops(plan, &caps)?;
+    let refused = report
+        .scan_errors
         .iter()
-        .filter_map(|(_, e)| match e.content {
-            Content::File { size, .. } => Some(size),
-            _ => None,
-        })
-        .collect();
-    let need: Vec<usize> = tree
-        .unhashed()
-        .filter(|&i| sizes.contains(&tree.entries[i].1.size()))
-        .collect();
-    scan::hash_files(src, &mut tree, &need);
-    let fs = caps.traits(FsTraits::default());
-    for (_, e) in &mut tree.entries {
-        caps.keep(e, &fs);
-    }
-    fill_tree_hashes(&mut tree.entries, caps.owners);
-    fill_tree_hashes(&mut dst, caps.owners);
-    let changes = diff(&tree.entries, &dst, caps.owners, &|p| tree.is_unknown(p));
-    plan(&changes, &tree.entries, &dst, &caps)
-}
-
-/// Runs a pass (its first `stop_after` operations) and checks what the module doc says.
-fn memory_sync(src: &Path, mem: &MemoryReplica, stop_after: Option<usize>) -> Result<(), String> {
-    let caps = mem.capabilities();
-    let mut plan = memory_plan(src, mem);
-    check_ops(&plan, &caps)?;
-    if let Some(n) = stop_after {
-        plan.ops.truncate(n);
-    }
-    let fd = scan::open_dir(src).map_err(|e| format!("cannot open {}: {e}", src.display()))?;
-    let source = dirsync::source::LocalSource::new(scan::Root {
-        path: src,
-        fd: std::os::fd::AsFd::as_fd(&fd),
-    });
-    let outcome = apply(
-        &plan,
-        mem,
-        &source,
-        &mut Recorder::new(None),
-        &mut OpLog::default(),
-        &AtomicBool::new(false),
-    )
-    .map_err(|e| format!("apply failed: {e}"))?;
-    if !outcome.errors.is_empty() {
+        .filter(|e| e.kind != ErrorKind::Unsupported);
+    if !report.outcome.errors.is_empty() || refused.count() > 0 {
         return Err(format!(
-            "the replica refused the plan: {:#?}\nplan: {:#?}",
-            outcome.errors, plan.ops
+            "the replica refused the plan: {:#?} {:#?}\nplan: {:#?}",
+            report.outcome.errors, report.scan_errors, plan.ops
         ));
     }
     if stop_after.is_some() {
@@ -263,14 +233,43 @@ fn memory_sync(src: &Path, mem: &MemoryReplica, stop_after: Option<usize>) -> Re
             plan.ops
         ));
     }
-    let again = memory_plan(src, mem);
-    if !again.ops.is_empty() {
+    let again = pair.sync(mem, None)?;
+    if !again.plan.ops.is_empty() || !again.plan.items.is_empty() {
         return Err(format!(
             "a second pass still has work: {:#?}\nfirst plan: {:#?}",
-            again.ops, plan.ops
+            again.plan.ops, plan.ops
+        ));
+    }
+    if !settled {
+        return Ok(());
+    }
+    // The second pass may read what no pass had a reason to read before (a file whose size the
+    // replica had only after the first); the records it made are past the racy window.
+    let idle = pair.sync(mem, None)?;
+    let racy = racy_files(mem, started);
+    if !idle.plan.ops.is_empty() || idle.files_hashed > racy {
+        return Err(format!(
+            "a third pass after the racy window read {} files again ({racy} racy): {:#?}\nfirst plan: {:#?}",
+            idle.files_hashed, idle.plan.ops, plan.ops
         ));
     }
     Ok(())
+}
+
+/// How many replica files a pass that began at `started` may have recorded as racily clean:
+/// those with a whole-second stamp changed within the wide racy window before it (a seconds
+/// stamp has no ctime; a same-second change could leave it as it was). A POSIX memory stamp
+/// is racy for 20 ms only, an object stamp never.
+fn racy_files(mem: &MemoryReplica, started: Time) -> u64 {
+    let racy = |e: &Entry| {
+        matches!(e.fp, Stamp::Seconds { .. })
+            && e.fp.changed_ns().unwrap() + RACY_WINDOW_NS > started.as_nanos()
+    };
+    let files = mem
+        .tree()
+        .into_iter()
+        .filter(|(_, e)| e.kind() == Kind::File);
+    files.filter(|(_, e)| racy(e)).count() as u64
 }
 
 /// Operations the profile lacks are never planned (the apply loop would fall back from a
@@ -431,16 +430,24 @@ fn differences(want: &BTreeMap<Vec<u8>, Kept>, got: &BTreeMap<Vec<u8>, Kept>) ->
 
 fn run_case(profile: Profile, steps: &[Step]) -> Result<(), TestCaseError> {
     let fx = Fixture::default();
-    let mem = MemoryReplica::with_profile(profile, rustix::process::geteuid().is_root());
+    let owners = rustix::process::geteuid().is_root();
+    let mem = MemoryReplica::with_profile(profile, owners);
+    let pair = Pair::new(&fx.src, owners);
     let last = Step::Sync;
     for (i, step) in steps.iter().chain(std::iter::once(&last)).enumerate() {
+        let settled = i == steps.len();
         let result = match step {
             Step::Edit(e) => {
                 edit(&fx.src, e);
                 Ok(())
             }
-            Step::Sync => memory_sync(&fx.src, &mem, None),
-            Step::Kill(n) => memory_sync(&fx.src, &mem, Some(*n)),
+            Step::Sync => {
+                if settled {
+                    past_racy_window();
+                }
+                memory_sync(&pair, &fx.src, &mem, None, settled)
+            }
+            Step::Kill(n) => memory_sync(&pair, &fx.src, &mem, Some(*n), false),
         };
         result
             .map_err(|e| TestCaseError::fail(format!("{profile:?}, step {i} ({step:?}): {e}")))?;
@@ -491,7 +498,8 @@ fn profile_comparison_catches_what_the_replica_does_not_keep() {
     let t = filetime::FileTime::from_unix_time(1_500_000_000, 5);
     filetime::set_file_mtime(fx.src.join("f"), t).unwrap();
     let sftp = MemoryReplica::with_profile(Profile::SftpLike, false);
-    memory_sync(&fx.src, &sftp, None).unwrap();
+    let pair = Pair::new(&fx.src, false);
+    memory_sync(&pair, &fx.src, &sftp, None, false).unwrap();
     let nanos = Capabilities {
         mtime: MtimePrecision::Nanos,
         ..sftp.capabilities()
@@ -500,10 +508,89 @@ fn profile_comparison_catches_what_the_replica_does_not_keep() {
 
     std::os::unix::fs::symlink("f", fx.src.join("l")).unwrap();
     let object = MemoryReplica::with_profile(Profile::ObjectStoreLike, false);
-    memory_sync(&fx.src, &object, None).unwrap();
-    let plan = memory_plan(&fx.src, &object);
-    assert!(plan.ops.is_empty(), "{:?}", plan.ops);
-    assert_eq!(plan.unsupported.len(), 1, "{:?}", plan.unsupported);
+    let pair = Pair::new(&fx.src, false);
+    memory_sync(&pair, &fx.src, &object, None, false).unwrap();
+    let again = pair.sync(&object, None).unwrap();
+    assert!(again.plan.ops.is_empty(), "{:?}", again.plan.ops);
+    assert_eq!(
+        again.plan.unsupported.len(),
+        1,
+        "{:?}",
+        again.plan.unsupported
+    );
     let posix = Capabilities::posix(false);
     assert_ne!(expected(&fx.src, &posix), held(&object, &posix));
+}
+
+/// A whole-second stamp has no ctime: bytes changed by someone else within the same second as
+/// the mtime dirsync set leave it as it was. The record of a file the pass wrote is therefore
+/// racy until the stamp's second is well past, and the next pass reads the file and puts it
+/// right; once the window passed, passes settle and read nothing.
+#[test]
+fn a_seconds_replica_misses_no_same_second_change_and_settles_after_its_window() {
+    let fx = Fixture::default();
+    write(&fx.src.join("f"), b"one");
+    let sftp = MemoryReplica::with_profile(Profile::SftpLike, false);
+    let pair = Pair::new(&fx.src, false);
+    let first = pair.sync(&sftp, None).unwrap();
+    assert_eq!(first.outcome.done.total(), 1, "{:#?}", first.plan.ops);
+    let f = RelPath::from_bytes(b"f").unwrap();
+    let before = sftp.stat(&f).unwrap();
+    assert!(matches!(before, Stamp::Seconds { .. }), "{before:?}");
+    // Same size, same second: the stamp cannot tell.
+    let meta = Meta::of_metadata(&fs::symlink_metadata(fx.src.join("f")).unwrap());
+    sftp.write_file(&f, &mut &b"two"[..], &meta, &mut |_, _| Ok(()))
+        .unwrap();
+    assert_eq!(sftp.stat(&f).unwrap(), before, "the change keeps the stamp");
+    past_racy_window();
+    let second = pair.sync(&sftp, None).unwrap();
+    assert_eq!(
+        sftp.read(&f).unwrap(),
+        b"one",
+        "the same-second change was missed: {:#?}",
+        second.plan.ops
+    );
+    std::thread::sleep(std::time::Duration::from_nanos(
+        RACY_WINDOW_NS as u64 + 100_000_000,
+    ));
+    let third = pair.sync(&sftp, None).unwrap();
+    assert!(third.plan.ops.is_empty(), "{:#?}", third.plan.ops);
+    let idle = pair.sync(&sftp, None).unwrap();
+    assert!(idle.plan.ops.is_empty(), "{:#?}", idle.plan.ops);
+    assert_eq!(idle.files_hashed, 0, "passes settle once the window passed");
+}
+
+/// Linking changes the shared inode's ctime: a pass that makes a hard link records the
+/// leader's new stamp too, so the next pass (after the racy window) reads no file, on a memory
+/// replica and on a local directory.
+#[test]
+fn a_hard_link_made_by_the_pass_leaves_no_record_stale() {
+    let fx = Fixture::default();
+    mkdir(&fx.src.join("a"));
+    write(&fx.src.join("a/x"), b"linked");
+    fs::hard_link(fx.src.join("a/x"), fx.src.join("a/x2")).unwrap();
+    set_mtime(&fx.src.join("a/x"), 1_600_000_000, 7);
+    set_mtime(&fx.src.join("a"), 1_500_000_000, 5);
+    past_racy_window();
+    let mem = MemoryReplica::new(false);
+    let held = dirsync::replica::root::ReplicaRoot::create(&fx.dst).unwrap();
+    let local = dirsync::replica::local::LocalReplica::held(&held, false).unwrap();
+    let replicas: [(&str, &dyn Replica); 2] = [("memory", &mem), ("local", &local)];
+    for (name, replica) in replicas {
+        let pair = Pair::new(&fx.src, false);
+        let first = pair.sync(replica, None).unwrap();
+        let linked = first
+            .plan
+            .ops
+            .iter()
+            .any(|op| matches!(op, PlanOp::Link { .. }));
+        assert!(linked, "{name}: {:#?}", first.plan.ops);
+        past_racy_window();
+        let second = pair.sync(replica, None).unwrap();
+        assert!(second.plan.ops.is_empty(), "{name}: {:#?}", second.plan.ops);
+        assert_eq!(
+            second.files_hashed, 0,
+            "{name}: the pass after the link read files"
+        );
+    }
 }

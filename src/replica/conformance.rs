@@ -15,7 +15,7 @@ use std::io::{self, Read};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use super::{Replica, TMP_PREFIX, Written};
-use crate::entry::{Hash, Kind, Meta, RelPath, Stamp, Time};
+use crate::entry::{Content, Hash, Kind, Meta, RelPath, Stamp, Time};
 
 /// A node as the backend's own read-back sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +45,9 @@ pub trait Subject {
     /// Everything outside the replica the suite could reach through a followed symlink, in a
     /// form compared before and after.
     fn outside_state(&self) -> String;
+    /// The (device, inode) of the replica root as the read-back sees it, where a local tree
+    /// could show the replica; `None` for a replica no local tree can show.
+    fn identity(&self) -> Option<(u64, u64)>;
 }
 
 /// Makes a fresh, empty subject for each check.
@@ -99,9 +102,43 @@ pub const CHECKS: &[(&str, Conformance)] = &[
     ),
 ];
 
-/// Runs every check, each on a fresh subject, and panics naming all that failed.
+/// The checks of the read methods (`walk`, `hash`, `open`, `identity`). They write only what
+/// the replica declares it can hold ([`Replica::capabilities`]), so every backend, whatever
+/// its profile, runs them.
+pub const READ_CHECKS: &[(&str, Conformance)] = &[
+    (
+        "walk_lists_every_node_in_canonical_order_stat_only",
+        walk_lists_every_node_in_canonical_order_stat_only,
+    ),
+    (
+        "hash_equals_an_independent_read",
+        hash_equals_an_independent_read,
+    ),
+    (
+        "open_reads_the_bytes_and_refuses_what_is_not_a_file",
+        open_reads_the_bytes_and_refuses_what_is_not_a_file,
+    ),
+    (
+        "identity_is_the_root_node_as_seen",
+        identity_is_the_root_node_as_seen,
+    ),
+];
+
+/// Runs every check ([`CHECKS`] and [`READ_CHECKS`]), each on a fresh subject, and panics naming
+/// all that failed.
 pub fn run(new: Factory) {
-    let failed: Vec<&str> = CHECKS
+    run_checks(CHECKS, new);
+    run_checks(READ_CHECKS, new);
+}
+
+/// Runs the [`READ_CHECKS`] only: for a backend that cannot do all that [`CHECKS`] asks of a
+/// POSIX directory.
+pub fn run_reads(new: Factory) {
+    run_checks(READ_CHECKS, new);
+}
+
+fn run_checks(checks: &[(&str, Conformance)], new: Factory) {
+    let failed: Vec<&str> = checks
         .iter()
         .filter(|(_, check)| catch_unwind(AssertUnwindSafe(|| check(new))).is_err())
         .map(|(name, _)| *name)
@@ -933,4 +970,150 @@ pub fn batch_writes_land_where_named(new: Factory) {
     });
     assert_names(s, b"a", &[b"4"]);
     assert_names(s, b"old-a", &[b"1", b"2", b"3", b"c"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The read methods
+// ---------------------------------------------------------------------------------------------
+
+/// The tree the read checks look at: names that sort around '/', a nested directory, an empty
+/// file, a larger one, and where the replica has symlinks one to a file beside it (`a/lx`) and
+/// one to the directory outside (`out`). Returns its paths in canonical order, the root first.
+fn plant(s: &dyn Subject) -> Vec<RelPath> {
+    let r = s.replica();
+    let m = meta(0o644, 1_600_000_000, 5);
+    for d in [&b"a"[..], b"a/b", b"a-b"] {
+        r.mkdir(&p(d))
+            .unwrap_or_else(|e| panic!("mkdir {}: {e}", p(d)));
+    }
+    must_write(s, b"a/b/deep", b"deep", &m);
+    must_write(s, b"a/x", b"x", &m);
+    must_write(s, b"a-b/y", b"yy", &m);
+    must_write(s, b"a.c", b"ccc", &m);
+    must_write(s, b"empty", b"", &m);
+    must_write(s, b"big", &big(200_000, 3), &m);
+    let mut paths = vec![
+        "a", "a-b", "a-b/y", "a.c", "a/b", "a/b/deep", "a/x", "big", "empty",
+    ];
+    if r.capabilities().symlinks {
+        r.symlink(&p(b"a/lx"), b"x", &m).expect("symlink a/lx");
+        r.symlink(&p(b"out"), &s.outside(), &m)
+            .expect("symlink out");
+        paths.insert(6, "a/lx");
+        paths.push("out");
+    }
+    std::iter::once(RelPath::root())
+        .chain(paths.into_iter().map(|path| p(path.as_bytes())))
+        .collect()
+}
+
+pub fn walk_lists_every_node_in_canonical_order_stat_only(new: Factory) {
+    let s = &*new();
+    let want = plant(s);
+    let outside = s.outside_state();
+    let tree = super::walk_all(s.replica());
+    let got: Vec<&RelPath> = tree.entries.iter().map(|(path, _)| path).collect();
+    assert_eq!(
+        got,
+        want.iter().collect::<Vec<_>>(),
+        "the walk lists every node once, in byte order of the whole path, the root first"
+    );
+    assert!(tree.problems.is_empty(), "no problem: {:?}", tree.problems);
+    for (path, e) in &tree.entries {
+        let n = seen(s, path);
+        assert_eq!(e.kind(), n.kind, "{path}: kind");
+        assert_eq!(e.fp, n.fp, "{path}: the stamp of the read-back");
+        match &e.content {
+            Content::File { size, hash } => {
+                assert_eq!(*size, n.data.len() as u64, "{path}: size");
+                assert!(
+                    hash.is_none() || *size == 0,
+                    "{path}: the walk stats, it does not read files"
+                );
+                assert_eq!(e.meta, n.meta, "{path}: meta as the read-back sees it");
+            }
+            Content::Symlink { target } => {
+                assert_eq!(*target, n.data, "{path}: the symlink's own target");
+            }
+            Content::Dir { .. } => assert_eq!(e.meta, n.meta, "{path}: meta"),
+            Content::Special => panic!("{path}: no special file was made"),
+        }
+    }
+    assert_eq!(outside, s.outside_state(), "nothing outside was touched");
+}
+
+pub fn hash_equals_an_independent_read(new: Factory) {
+    let s = &*new();
+    let r = s.replica();
+    plant(s);
+    let mut tree = super::walk_all(r);
+    // Changed between the walk and the hash: hashed as it is now. Gone: dropped.
+    must_write(s, b"a/x", b"x again", &meta(0o644, 1_600_000_001, 0));
+    r.remove(&p(b"a.c"), Kind::File).expect("remove a.c");
+    let files: Vec<usize> = tree.unhashed().collect();
+    let fresh = r.hash(&mut tree, &files);
+    assert_eq!(fresh.len(), 4, "a/b/deep, a/x, a-b/y and big got a hash");
+    assert!(tree.get(&p(b"a.c")).is_none(), "a file gone is dropped");
+    for (path, e) in &tree.entries {
+        let Content::File { size, hash: h } = e.content else {
+            continue;
+        };
+        let n = seen(s, path);
+        assert_eq!(h, Some(hash(&n.data)), "{path}: the hash of its bytes");
+        assert_eq!(size, n.data.len() as u64, "{path}: size as it is now");
+        assert_eq!(e.fp, n.fp, "{path}: the stamp as it is now");
+    }
+    for (path, e) in &fresh {
+        assert_eq!(
+            Some(e),
+            tree.get(path),
+            "{path}: returned as put in the tree"
+        );
+    }
+}
+
+pub fn open_reads_the_bytes_and_refuses_what_is_not_a_file(new: Factory) {
+    let s = &*new();
+    let r = s.replica();
+    plant(s);
+    let read = |path: &[u8]| -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        r.open(&p(path))?.read_to_end(&mut out)?;
+        Ok(out)
+    };
+    assert_eq!(read(b"big").expect("open big"), big(200_000, 3));
+    assert_eq!(read(b"a/b/deep").expect("open a/b/deep"), b"deep");
+    assert_eq!(read(b"empty").expect("open empty"), b"");
+    assert!(read(b"a").is_err(), "a directory is not opened");
+    assert!(r.open(&RelPath::root()).is_err(), "the root is not opened");
+    assert!(read(b"gone").is_err(), "a missing path");
+    assert!(read(b"a/gone/f").is_err(), "a missing directory on the way");
+    assert!(read(b"a/x/f").is_err(), "a file on the way");
+    if r.capabilities().symlinks {
+        let outside = s.outside_state();
+        assert!(read(b"a/lx").is_err(), "a symlink is not followed");
+        assert!(
+            read(b"out/f").is_err(),
+            "a symlink on the way is not followed"
+        );
+        assert_eq!(outside, s.outside_state(), "nothing outside was touched");
+    }
+}
+
+pub fn identity_is_the_root_node_as_seen(new: Factory) {
+    let s = &*new();
+    let r = s.replica();
+    assert_eq!(
+        r.identity(),
+        s.identity(),
+        "the root as the read-back sees it"
+    );
+    if let Some(id) = r.identity() {
+        let root = r.stat(&RelPath::root()).expect("stat the root");
+        assert_eq!(
+            root.node(),
+            Some(id),
+            "the root's stamp names the same node"
+        );
+    }
 }

@@ -79,6 +79,8 @@ struct State {
     next_ino: u64,
     clock: u64,
     caps: Capabilities,
+    /// Which stamps the nodes show.
+    profile: Profile,
 }
 
 /// The kind of backend a memory replica behaves as.
@@ -268,37 +270,44 @@ impl State {
         Ok(())
     }
 
+    /// The stamp of `node` as the profile's backend gives it: POSIX (inode, ctime, ns mtime),
+    /// whole-second mtime and size (SFTP), or size and an ETag that changes with every change of
+    /// the object (object store; here the BLAKE3 of its inode and change counter).
     fn fingerprint(&self, node: &Node) -> Stamp {
-        match node {
-            Node::Dir { meta, ino, ctime } => Stamp::Posix {
-                size: 0,
-                mtime: meta.mtime,
-                ctime: *ctime,
-                ino: *ino,
-                dev: DEV,
-            },
+        let (size, mtime, ctime, ino) = match node {
+            Node::Dir { meta, ino, ctime } => (0, meta.mtime, *ctime, *ino),
             Node::File { ino } => {
                 let f = &self.files[ino];
-                Stamp::Posix {
-                    size: f.data.len() as u64,
-                    mtime: f.meta.mtime,
-                    ctime: f.ctime,
-                    ino: *ino,
-                    dev: DEV,
-                }
+                (f.data.len() as u64, f.meta.mtime, f.ctime, *ino)
             }
             Node::Symlink {
                 target,
                 meta,
                 ino,
                 ctime,
-            } => Stamp::Posix {
-                size: target.len() as u64,
-                mtime: meta.mtime,
-                ctime: *ctime,
-                ino: *ino,
+            } => (target.len() as u64, meta.mtime, *ctime, *ino),
+        };
+        match self.profile {
+            Profile::Posix => Stamp::Posix {
+                size,
+                mtime,
+                ctime,
+                ino,
                 dev: DEV,
             },
+            Profile::SftpLike => Stamp::Seconds {
+                size,
+                mtime: mtime.sec,
+            },
+            Profile::ObjectStoreLike => {
+                let mut version = blake3::Hasher::new();
+                version.update(&ino.to_le_bytes());
+                version.update(&ctime.as_nanos().to_le_bytes());
+                Stamp::Object {
+                    size,
+                    etag: *version.finalize().as_bytes(),
+                }
+            }
         }
     }
 }
@@ -339,6 +348,7 @@ impl MemoryReplica {
                 next_ino: 1,
                 clock: 0,
                 caps,
+                profile,
             }),
             caps,
             owners: caps.owners,
