@@ -34,7 +34,7 @@ use crate::event::{Event, Sink};
 use crate::index::{Index, Table, Update};
 use crate::plan::{Code, Op, Plan};
 use crate::replica::Replica;
-use crate::source::{Changed, ChangedWhileCopied, Source, Vanished, is_changed, is_vanished};
+use crate::source::{Source, is_changed, is_vanished};
 
 pub const BATCH_OPS: usize = 4096;
 pub const BATCH_TIME: Duration = Duration::from_secs(2);
@@ -228,8 +228,6 @@ impl std::error::Error for NoDir {}
 /// [`ErrorKind::of`].
 fn kind_of(e: &io::Error) -> ErrorKind {
     match e.get_ref() {
-        Some(x) if x.is::<Vanished>() => ErrorKind::NotFound,
-        Some(x) if x.is::<Changed>() || x.is::<ChangedWhileCopied>() => ErrorKind::ChangedWhileRead,
         Some(x) => match x.downcast_ref::<NoDir>() {
             Some(NoDir(_, kind)) => *kind,
             None => ErrorKind::of(e),
@@ -897,6 +895,7 @@ mod tests {
     use crate::replica::Capabilities;
     use crate::replica::memory::MemoryReplica;
     use crate::scan::{self, Root, Side};
+    use crate::source::{Changed, ChangedWhileCopied, Vanished};
     use crate::source::{LocalFile, LocalSource, SourceFile};
     use std::os::fd::AsFd;
     use std::path::Path;

@@ -151,6 +151,13 @@ impl ErrorKind {
     /// [`io::ErrorKind`] (errors dirsync makes itself say theirs that way, or are classified
     /// by their maker before this, as `apply` does).
     pub fn of(e: &io::Error) -> ErrorKind {
+        match e.get_ref() {
+            Some(x) if x.is::<Vanished>() => return ErrorKind::NotFound,
+            Some(x) if x.is::<Changed>() || x.is::<ChangedWhileCopied>() => {
+                return ErrorKind::ChangedWhileRead;
+            }
+            _ => {}
+        }
         match e.raw_os_error() {
             Some(code) => ErrorKind::of_errno(rustix::io::Errno::from_raw_os_error(code)),
             None => ErrorKind::of_io_kind(e.kind()),
@@ -237,6 +244,51 @@ impl std::fmt::Display for PathError {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+// The payloads of source errors that say what happened, whatever the errno: raised by the
+// walker, the source backends and apply, classified by `ErrorKind::of`.
+
+/// A source file that is gone (or is no longer a regular file) since the scan; the only error
+/// reported as "vanished from the source".
+#[derive(Debug)]
+pub struct Vanished;
+
+impl std::fmt::Display for Vanished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no longer in the source")
+    }
+}
+
+impl std::error::Error for Vanished {}
+
+/// A source path that holds another node than the scan saw there, or whose way now goes
+/// through a symlink or a non-directory: it is not read, and the next pass scans it again.
+#[derive(Debug)]
+pub struct Changed;
+
+impl std::fmt::Display for Changed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "another file, directory or symlink is at its path or on its way now; nothing was \
+             read from it",
+        )
+    }
+}
+
+impl std::error::Error for Changed {}
+
+/// A source file whose bytes or stat changed while it was copied: what was read is not put in
+/// place.
+#[derive(Debug)]
+pub struct ChangedWhileCopied;
+
+impl std::fmt::Display for ChangedWhileCopied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("changed while it was being copied")
+    }
+}
+
+impl std::error::Error for ChangedWhileCopied {}
 
 #[cfg(test)]
 mod tests {

@@ -342,6 +342,10 @@ impl Index {
             return Ok(());
         }
         if migrate {
+            // A migration rewrites every record in one transaction: the file needs room for a
+            // second copy of its records. Without that room it is refused before anything is
+            // written (a failed migration would leave the file grown to fill the disk).
+            check_room_to_migrate(p)?;
             let n = migrate_records(p, &tx)?;
             log::info!(
                 "index {} migrated to schema {SCHEMA} ({n} records, nothing rehashed)",
@@ -623,6 +627,36 @@ fn migrate_records(path: &Path, tx: &redb::WriteTransaction) -> Result<u64> {
         n += migrate_table(path, &mut tbl)?;
     }
     Ok(n)
+}
+
+/// Fails unless the filesystem of the index at `path` has room for twice the file's size (what
+/// one transaction that rewrites every record can need), plus 16 MiB.
+fn check_room_to_migrate(path: &Path) -> Result<()> {
+    let used = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    let need = used.saturating_mul(2).saturating_add(16 << 20);
+    let fd = rustix::fs::open(
+        path,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| Error::io(path, e.into()))?;
+    let vfs = rustix::fs::fstatvfs(&fd).map_err(|e| Error::io(path, e.into()))?;
+    let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+    if free >= need {
+        return Ok(());
+    }
+    Err(Error::Refused {
+        msg: format!(
+            "index {} is of an older schema and must be migrated, which needs {} MiB free on its \
+             filesystem ({} MiB are); nothing was changed: free some space, or copy the index to \
+             a filesystem with room and pass --index",
+            path.display(),
+            need >> 20,
+            free >> 20
+        ),
+    })
 }
 
 /// [`migrate_records`] for one table, in batches of keys: memory stays bounded however many

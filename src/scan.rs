@@ -511,6 +511,10 @@ impl Walker<'_> {
                     let target = t.into_bytes();
                     self.push(child, Content::Symlink { target }, st, None);
                 }
+                // Not a symlink any more (or its directory went): another node is there now.
+                Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOTDIR) => {
+                    self.problem(child, io::Error::other(crate::error::Changed))
+                }
                 Err(e) => self.problem(child, io_err(e)),
             },
             _ if self.side == Side::Source => self.tree.specials.push(child),

@@ -74,47 +74,7 @@ pub trait SourceFile {
     fn check_unchanged(&self, n: u64) -> io::Result<()>;
 }
 
-/// A source file that is gone (or is no longer a regular file) since the scan; the only error
-/// reported as "vanished from the source".
-#[derive(Debug)]
-pub struct Vanished;
-
-impl std::fmt::Display for Vanished {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("no longer in the source")
-    }
-}
-
-impl std::error::Error for Vanished {}
-
-/// A source path that holds another node than the scan saw there, or whose way now goes
-/// through a symlink or a non-directory: it is not read, and the next pass scans it again.
-#[derive(Debug)]
-pub struct Changed;
-
-impl std::fmt::Display for Changed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(
-            "another file, directory or symlink is at its path or on its way now; nothing was \
-             read from it",
-        )
-    }
-}
-
-impl std::error::Error for Changed {}
-
-/// A source file whose bytes or stat changed while it was copied: what was read is not put in
-/// place.
-#[derive(Debug)]
-pub struct ChangedWhileCopied;
-
-impl std::fmt::Display for ChangedWhileCopied {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("changed while it was being copied")
-    }
-}
-
-impl std::error::Error for ChangedWhileCopied {}
+pub use crate::error::{Changed, ChangedWhileCopied, Vanished};
 
 pub fn vanished() -> io::Error {
     io::Error::new(io::ErrorKind::NotFound, Vanished)

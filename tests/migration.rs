@@ -210,6 +210,77 @@ fn sync_with_the_release_index_needs_no_reindex_and_ends_mirrored() {
     assert_mirror(&fx.src, &fx.dst);
 }
 
+/// A tmpfs of `size` mounted at the path, unmounted when the test ends, even when it fails.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs at {}", at.display());
+        Tmpfs(at.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_migration_without_room_is_refused_before_anything_is_written() {
+    if !is_root() {
+        println!("skipped: mounting a small filesystem needs root");
+        return;
+    }
+    let fx = Fixture::default();
+    let copy = rebuilt(&fx);
+    let small = Tmpfs::mount(&fx.root.join("small"), "4m");
+    let index = small.0.join("index.redb");
+    fs::copy(&copy, &index).unwrap();
+    fs::write(fx.src.join("a/hello.txt"), "changed since\n").unwrap();
+    let before = fs::metadata(&index).unwrap().len();
+    let replica_before = snapshot(&fx.dst);
+    let arg = ["--index", index.to_str().unwrap()];
+    let err = stderr_of(&fx.run("sync", &arg).failure());
+    assert!(
+        err.contains("must be migrated") && err.contains("MiB free"),
+        "{err}"
+    );
+    // Opening the database rewrites its header; the records stay as they were, unmigrated.
+    assert_eq!(schema_in_file(&index), 2, "not migrated");
+    let after = fs::metadata(&index).unwrap().len();
+    assert!(
+        after <= before + (1 << 20),
+        "the index grew from {before} to {after} bytes"
+    );
+    assert_eq!(
+        snapshot(&fx.dst),
+        replica_before,
+        "the replica is as it was"
+    );
+    small.resize("64m");
+    fx.run("sync", &arg).success();
+    assert_eq!(schema_in_file(&index), SCHEMA);
+    assert_mirror(&fx.src, &fx.dst);
+}
+
 #[test]
 fn status_reads_the_release_index_and_leaves_it_as_it_is() {
     let fx = Fixture::default();
